@@ -1,0 +1,1 @@
+"""Model integrations (installed as ``pio_kernels.integrations``)."""

@@ -1,0 +1,1 @@
+"""Fused Triton kernels, one file per kernel. Imported lazily: Triton is optional."""
