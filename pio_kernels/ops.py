@@ -9,6 +9,7 @@ Dispatch order per device: compiled kernel (C++ / CUDA) -> Triton -> PyTorch.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -22,7 +23,7 @@ _SELECT_TOKENS_SCHEMA = ("select_tokens(Tensor features, Tensor scores, int budg
                          "Tensor? lengths=None) -> Tensor")
 
 try:
-    from pio_kernels import _C  # noqa: F401  (loading it registers schemas and kernels)
+    importlib.import_module("pio_kernels._C")  # loading it registers the schemas and kernels
 
     HAS_EXTENSION = True
 except ImportError as exc:  # built without a compiler, or PIO_NO_EXTENSION=1
