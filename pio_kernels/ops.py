@@ -3,13 +3,15 @@
 The schemas are defined in C++ (``csrc/pio.cpp``) and the compiled kernels register
 themselves per device when ``pio_kernels._C`` loads. When the extension was not built
 (no compiler at install time), the same schema is defined here and the op runs on the
-PyTorch paths, so ``torch.ops.pio.select_tokens`` always exists.
+PyTorch paths, so ``torch.ops.pio.select_tokens`` always exists. ``PIO_NO_EXTENSION=1``
+at import time takes that path on purpose (tests of builds without a compiler).
 
 Dispatch order per device: compiled kernel (C++ / CUDA) -> Triton -> PyTorch.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
@@ -23,8 +25,9 @@ _SELECT_TOKENS_SCHEMA = ("select_tokens(Tensor features, Tensor scores, int budg
                          "Tensor? lengths=None) -> Tensor")
 
 try:
+    if os.environ.get("PIO_NO_EXTENSION", "0") not in ("", "0"):
+        raise ImportError("PIO_NO_EXTENSION is set")
     importlib.import_module("pio_kernels._C")  # loading it registers the schemas and kernels
-
     HAS_EXTENSION = True
 except ImportError as exc:  # built without a compiler, or PIO_NO_EXTENSION=1
     HAS_EXTENSION = False

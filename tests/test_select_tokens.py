@@ -164,3 +164,31 @@ def test_raw_op_checks_too():
         torch.ops.pio.select_tokens(x, torch.rand(2, 6), 0)
     with pytest.raises(ValueError, match="lengths"):
         torch.ops.pio.select_tokens(x, torch.rand(2, 6), 2, 0.8, torch.tensor([7, 1]))
+
+
+def test_package_works_without_the_extension():
+    # A build without a compiler: the schema comes from Python and the op still answers.
+    import subprocess
+    import sys
+    script = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pio_kernels\n"
+        "assert not pio_kernels.HAS_EXTENSION\n"
+        "assert any('PIO_NO_EXTENSION' in str(x.message) for x in w)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(2, 9, 4, generator=g); s = torch.rand(2, 9, generator=g)\n"
+        "got = torch.ops.pio.select_tokens(x, s, 3, 0.5, torch.tensor([9, 4]))\n"
+        "want = pio_kernels.reference.select_tokens(x, s, 3, 0.5, torch.tensor([9, 4]))\n"
+        "assert torch.equal(got, want), (got, want)\n"
+        "try:\n"
+        "    torch.ops.pio.select_tokens(x, s, 0)\n"
+        "except ValueError as e:\n"
+        "    assert 'budget' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('budget 0 accepted')\n"
+    )
+    env = {**__import__("os").environ, "PIO_NO_EXTENSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
