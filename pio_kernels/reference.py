@@ -102,11 +102,14 @@ def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, 
     is accumulated.
     """
     batch, seq_len, _ = hidden_states.shape
-    rows = loss_positions(attention_mask, batch, seq_len, num_positions, device=hidden_states.device)
+    # Everything autograd saves is made inside inference_mode(False): an inference tensor
+    # (the caller's inputs, or anything built from them under inference_mode) cannot be.
     with torch.inference_mode(False), torch.enable_grad(), _mask_friendly_attention(layer):
+        mask_2d = None if attention_mask is None else attention_mask.clone()
+        rows = loss_positions(mask_2d, batch, seq_len, num_positions, device=hidden_states.device)
         h = hidden_states.detach().clone().requires_grad_(True)
         cos, sin = (t.detach().clone() for t in position_embeddings)
-        mask = _causal_padding_mask(attention_mask, batch, seq_len, h.dtype, h.device)
+        mask = _causal_padding_mask(mask_2d, batch, seq_len, h.dtype, h.device)
         y = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
         if isinstance(y, tuple):  # older transformers return (hidden_states, ...)
             y = y[0]

@@ -80,3 +80,21 @@ def test_causal_padding_mask_rows_never_empty():
     assert allowed.any(dim=-1).all()
     assert allowed[3].tolist() == [False, False, True, True]
     assert not math.isnan(mask.softmax(-1).sum().item())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_proxy_saliency_runs_where_generation_runs(mode):
+    from layer_factory import make_stage, padded_batch, positions_from_mask
+
+    st = make_stage("llama")
+    mask = padded_batch([9, 6], 9, "left")
+    h = torch.randn(2, 9, st.hidden_size)
+    cos, sin = st.rope(h, positions_from_mask(mask))
+    want = reference.proxy_saliency(st.layer, st.final_norm, st.lm_head, h, (cos, sin), attention_mask=mask)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        h2, mask2 = h.clone(), mask.clone()  # inference tensors under inference_mode
+        cos2, sin2 = st.rope(h2, positions_from_mask(mask2))
+        got = reference.proxy_saliency(st.layer, st.final_norm, st.lm_head, h2, (cos2, sin2), attention_mask=mask2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got[1, :3] == 0).all() and (got[1, 3:7] > 0).all()
