@@ -80,7 +80,8 @@ def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Ten
 
 
 def _generate(model, ids, pixels, steps, mask=None):
-    out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=steps,
+    extra = {} if pixels is None else {"pixel_values": pixels}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, **extra,
                          do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
                          return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits, dim=1)  # (B, S + steps), (B, steps, V)
@@ -129,3 +130,113 @@ def test_cached_decoding_equals_reduced_model_from_scratch(attn, stages):
     prompt_rows = (rows < ids.shape[1]).sum()
     # logits of the last prompt row and of every decoded token, against the same rows from scratch
     torch.testing.assert_close(logits[0], ref[prompt_rows - 1:], rtol=1e-4, atol=1e-4)
+
+
+def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        mask[b, sl] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sample_alone(side):
+    model = _llava(layers=4)
+    rows = [_prompt([1, 2], 1, [4, 5, 6, 7, 8]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
+    pixels = [_pixels(1, seed=3), _pixels(2, seed=4)]
+    ids, mask = _pad(rows, side)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[6, 0.5]))
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      pixel_values=torch.cat(pixels)).logits
+        sel_batch = last_selection(model)
+        for b, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([r]), pixel_values=pixels[b]).logits[0]
+            sel_alone = last_selection(model)
+            offset = ids.shape[1] - len(r) if side == "left" else 0
+            torch.testing.assert_close(batch[b, offset:offset + len(r)], alone, rtol=1e-5, atol=1e-5)
+            for s_b, s_a in zip(sel_batch, sel_alone):
+                got = s_b[b][s_b[b] >= 0] - offset
+                assert got.tolist() == s_a[0].tolist()
+    assert [s.shape[1] for s in sel_batch] == [12, 6]
+    assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
+
+
+def test_left_padded_generate_equals_each_sample_alone():
+    model = _llava(layers=4)
+    rows = [_prompt([1, 2], 1, [4, 5, 6]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
+    pixels = [_pixels(1, seed=3), _pixels(2, seed=4)]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[3]))
+    seq, logits = _generate(model, ids, torch.cat(pixels), steps=3, mask=mask)
+    for b, r in enumerate(rows):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), pixels[b], steps=3)
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_error_within_twice_pytorch_bf16_error():
+    model32 = _llava(layers=4)
+    model16 = _llava(layers=4, dtype=torch.bfloat16)
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    apply_pio(model16, PioConfig(layers=[1, 3], keep=[8, 3]))
+    seq, logits = _generate(model16, ids, px.bfloat16(), steps=3)
+    kept = [k[0] for k in last_selection(model16)]
+    remove_pio(model16)
+    ref32, rows = reduced_reference(model32, seq[0, :-1], ids.shape[1], px, [1, 3], kept)
+    ref16, _ = reduced_reference(model16, seq[0, :-1], ids.shape[1], px.bfloat16(), [1, 3], kept)
+    n = logits.shape[1]
+    err_pio = (logits[0].float() - ref32[-n:]).abs().max()
+    err_torch = (ref16[-n:].float() - ref32[-n:]).abs().max()
+    assert err_torch > 0  # the comparison would be vacuous otherwise
+    assert err_pio <= 2 * err_torch + 1e-6, (err_pio, err_torch)
+
+
+def test_text_only_prompt_is_untouched():
+    model = _llava(layers=4)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        apply_pio(model, PioConfig(layers=[1], keep=[2]))
+        out = model(input_ids=ids).logits
+    seq, _ = _generate(model, ids, None, steps=2)
+    remove_pio(model)
+    seq_stock, _ = _generate(model, ids, None, steps=2)
+    assert torch.equal(out, stock)
+    assert torch.equal(seq, seq_stock)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layers=[], keep=[]), dict(layers=[0], keep=[4]), dict(layers=[3, 2], keep=[4, 2]),
+    dict(layers=[2, 2], keep=[4, 2]), dict(layers=[2], keep=[4, 2]), dict(layers=[2], keep=[0]),
+    dict(layers=[2], keep=[1.5]), dict(layers=[2], keep=[0.0]), dict(layers=[1, 2], keep=[2, 4]),
+    dict(layers=[2], keep=["4"]), dict(layers=[2.0], keep=[4]), dict(layers=[2], keep=[4], tau=float("nan")),
+    dict(layers=[2], keep=[4], num_positions=0), dict(layers=[2], keep=[4], encoder_keep=0),
+    dict(layers=[2], keep=[8], encoder_keep=4), dict(layers=[2], keep=[True]),
+])
+def test_bad_configs_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        PioConfig(**kwargs)
+
+
+def test_schedule_past_the_last_layer_and_unsupported_models():
+    model = _llava(layers=4)
+    with pytest.raises(ValueError, match="layers"):
+        apply_pio(model, PioConfig(layers=[4], keep=[2]))
+    assert not hasattr(model, "_pio")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=50))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        apply_pio(llama, PioConfig(layers=[1], keep=[2]))
+    with pytest.raises(TypeError, match="PioConfig"):
+        apply_pio(model, {"layers": [1], "keep": [2]})
