@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.attention
 from torch import nn
 
 import pio_kernels
@@ -101,6 +102,8 @@ __all__ = ["Adapter", "PioState", "adapter_for", "install", "register_adapter", 
 # Modules of this package that define adapters; each registers itself when imported.
 _BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl")
 _ADAPTERS: list["Adapter"] = []
+_ALL_SDPA_BACKENDS = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+                      torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.MATH]
 _MASK_KINDS = {"eager": "additive", "sdpa": "bool", "flash_attention_2": "2d", "flash_attention_3": "2d"}
 
 
@@ -587,9 +590,12 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     mask2d = None if bool(prev.valid.all()) else prev.valid.long()
     state.in_probe = True
     try:
-        scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
-                                            prev.embeddings, attention_mask=mask2d,
-                                            num_positions=config.num_positions)
+        # The probe runs the layer with an explicit mask and needs key gradients: let SDPA pick
+        # any backend there, even where the caller forced one (e.g. flash) for the model itself.
+        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS):
+            scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
+                                                prev.embeddings, attention_mask=mask2d,
+                                                num_positions=config.num_positions)
     finally:
         state.in_probe = False
     keep = prev.valid & (image_ids < 0)
@@ -769,15 +775,17 @@ def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
 # Encoder-side rules shared by the adapters (SPEC section 4)
 # ----------------------------------------------------------------------------------------------
 def split_local_global(shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[int, int], budget: int,
-                       window: tuple[int, int]) -> torch.Tensor:
+                       window: tuple[int, int], available: torch.Tensor | None = None) -> torch.Tensor:
     """Kept token indices of one image (or crop): half local, half global (SPEC 4).
 
     Args:
         shallow: (N,) attention map at the shallow layer, N = grid_h * grid_w, row-major.
         deep: (N,) attention map at the deep layer.
         grid: (grid_h, grid_w) token grid.
-        budget: tokens kept, 1 <= budget <= N.
+        budget: tokens kept, 1 <= budget <= number of available tokens.
         window: (win_h, win_w) window size; edge windows may be smaller.
+        available: (N,) bool, tokens that may be kept (default all), e.g. those left by
+            LLaVA-NeXT's unpadding; windows without one do not count.
 
     The local half takes the top ``(budget // 2) // n_windows`` tokens of every window by
     ``shallow``; the rest of the budget goes to the top tokens by ``deep`` among the others.
@@ -785,32 +793,35 @@ def split_local_global(shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[in
     """
     grid_h, grid_w = grid
     n = grid_h * grid_w
+    device = shallow.device
     if shallow.shape != (n,) or deep.shape != (n,):
         raise ValueError(f"attention maps must be ({n},) for a {grid_h}x{grid_w} grid, "
                          f"got {tuple(shallow.shape)} and {tuple(deep.shape)}")
-    if not 1 <= budget <= n:
-        raise ValueError(f"budget must lie in [1, {n}], got {budget}")
+    if available is None:
+        available = torch.ones(n, dtype=torch.bool, device=device)
+    n_available = int(available.sum())
+    if not 1 <= budget <= n_available:
+        raise ValueError(f"budget must lie in [1, {n_available}], got {budget}")
     win_h, win_w = window
-    rows = torch.arange(n, device=shallow.device) // grid_w
-    cols = torch.arange(n, device=shallow.device) % grid_w
-    per_row = -(-grid_w // win_w)
-    window_id = (rows // win_h) * per_row + cols // win_w
-    n_windows = int(window_id.max()) + 1
+    rows = torch.arange(n, device=device) // grid_w
+    cols = torch.arange(n, device=device) % grid_w
+    window_id = (rows // win_h) * (-(-grid_w // win_w)) + cols // win_w
+    n_windows = int(torch.unique(window_id[available]).numel())
     per_window = (budget // 2) // n_windows
-    chosen = torch.zeros(n, dtype=torch.bool, device=shallow.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
     if per_window:
-        order = torch.sort(shallow.float(), descending=True, stable=True).indices
-        rank = torch.zeros(n, dtype=torch.long, device=shallow.device)
-        # rank of each token inside its window, in shallow-score order
-        seen = torch.zeros(n_windows, dtype=torch.long, device=shallow.device)
-        for i in order.tolist():
+        order = torch.sort(shallow.float(), descending=True, stable=True).indices.tolist()
+        seen: dict[int, int] = {}
+        for i in order:  # the first per_window available tokens of each window, in shallow order
+            if not available[i]:
+                continue
             w = int(window_id[i])
-            rank[i] = seen[w]
-            seen[w] += 1
-        chosen = rank < per_window
+            if seen.get(w, 0) < per_window:
+                chosen[i] = True
+                seen[w] = seen.get(w, 0) + 1
     rest = budget - int(chosen.sum())
     if rest > 0:
-        deep_rest = torch.where(chosen, torch.full_like(deep.float(), float("-inf")), deep.float())
+        deep_rest = deep.float().masked_fill(chosen | ~available, float("-inf"))
         order = torch.sort(deep_rest, descending=True, stable=True).indices
         chosen[order[:rest]] = True
     return chosen.nonzero().flatten()
