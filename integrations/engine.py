@@ -8,7 +8,8 @@ leaves the model exactly as it was (no parameter, module or forward is replaced)
 1. a forward pre-hook on the *multimodal module* (e.g. ``LlavaModel``) starts a prefill
    (empty or no KV cache): it records the caller's ``input_ids`` and, when
    ``encoder_keep`` is set, lets the adapter reduce the image features before they are
-   placed into the sequence, shrinking ``input_ids``, the 2-D mask and the positions;
+   placed into the sequence, shrinking ``input_ids``, the 2-D mask and the positions
+   (in decoding steps it maps the caller's mask and positions onto that shorter prompt);
 2. a forward pre-hook on the *language model* records its 2-D mask and positions and asks
    the adapter which rows are image tokens (one integer id per image, -1 for text);
 3. forward pre-hooks on every decoder layer from ``layers[0]`` on. In prefill, the layer
@@ -70,16 +71,35 @@ Optional (defaults fit a Llama-style decoder with 1-D positions):
     ``image_feature_function(model)``
                                   ``(owner, name)`` of that function, patched per instance
                                   while installed; ``None`` for none.
-    ``reduce_encoder_features(model, call, budget, tau)``
-                                  encoder-side selection (SPEC 4): returns
-                                  ``(features, kept)`` per image (lists of (k_i, D) tensors and
-                                  ascending (k_i,) indices into that image's tokens). The
-                                  engine shrinks ``input_ids``, mask, positions and the keys
-                                  named by ``shrink_keys`` and hands ``features`` to the model
-                                  in place of its own.
-    ``shrink_call(model, call, keep_rows)``
-                                  model-specific kwargs to shrink with the sequence
-                                  (e.g. ``mm_token_type_ids``); default: nothing more.
+Encoder-side selection (only when ``supports_encoder_selection(model)`` is True; SPEC 4):
+    ``supports_encoder_selection(model)``
+                                  ``apply_pio`` refuses ``encoder_keep`` otherwise.
+    ``reduce_encoder_features(model, image_kwargs, budget, tau)``
+                                  ``image_kwargs``: the image-feature function's named
+                                  arguments (``pixel_values``, ``image_sizes``, ...). Returns
+                                  ``(output, kept, counts)``: an object shaped like the
+                                  image-feature function's output holding the reduced (and
+                                  merged) features, per image the ascending kept indices into
+                                  that image's placeholder tokens, and per image the token
+                                  count before reduction. The engine calls it from the
+                                  prefill pre-hook (or the patched image-feature function,
+                                  when ``generate`` encodes images before the prefill), drops
+                                  the placeholder rows of the dropped tokens from
+                                  ``input_ids``, the 2-D mask, ``inputs_embeds`` and
+                                  ``position_ids`` (left-padding samples that end up shorter),
+                                  and maps decoding steps' caller mask and positions onto the
+                                  shorter sequence.
+    ``pixel_keys``, ``image_feature_keys``
+                                  call keys that carry images / feed the feature function.
+    ``features_of(output)``       per-image feature list of the feature function's output.
+    ``encoder_positions(model, call, src, dropped_before, valid)``
+                                  ``position_ids`` of the rows left (default: the caller's
+                                  positions or ``arange``, through ``positions_after_stage``).
+    ``shrink_call(model, call, src)``
+                                  other per-row kwargs gathered with ``src`` (B, S'), e.g.
+                                  ``mm_token_type_ids``; returns the replaced entries.
+Shared rules: :func:`split_local_global` (local windows + global top) and
+:func:`merge_dropped` (mean merging) implement SPEC 4 on attention maps an adapter provides.
 """
 from __future__ import annotations
 
@@ -96,8 +116,8 @@ from torch import nn
 
 import pio_kernels
 
-__all__ = ["Adapter", "PioState", "adapter_for", "install", "register_adapter", "resolve_budget", "uninstall",
-           "build_attention_mask"]
+__all__ = ["Adapter", "PioState", "adapter_for", "build_attention_mask", "install", "merge_dropped",
+           "register_adapter", "resolve_budget", "split_local_global", "uninstall"]
 
 # Modules of this package that define adapters; each registers itself when imported.
 _BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl")
@@ -180,7 +200,7 @@ class Adapter:
 
     def features_of(self, output) -> list[torch.Tensor]:
         """Per-image features in the output of the model's image-feature function."""
-        return list(output.pooler_output)
+        return list(getattr(output, "pooler_output", output))
 
     def encoder_positions(self, model, call: dict, src: torch.Tensor, dropped_before: torch.Tensor,
                           valid: torch.Tensor) -> torch.Tensor:
@@ -298,6 +318,7 @@ class _Prefill:
     caller_index: torch.Tensor      # (B, S0) row of the caller's input_ids
     mask_kind: str
     cuts: list[_Cut] = field(default_factory=list)
+    caller_len: int = 0             # rows of the caller's input_ids
     selection: list[torch.Tensor] = field(default_factory=list)
     encoder_selection: torch.Tensor | None = None
 
@@ -481,8 +502,8 @@ def _lm_pre_hook(state: PioState) -> Callable:
             positions = state.adapter.prompt_positions(state.model, kwargs, batch, q, device)
             arange = torch.arange(q, device=device).expand(batch, q)
             caller_index = call.get("_caller_index", arange)
-            prefill = _Prefill(seq_len=q, image_map=image_map.to(device), caller_index=caller_index, mask_kind=kind)
-            prefill.caller_len = call.get("_caller_len", q)
+            prefill = _Prefill(seq_len=q, image_map=image_map.to(device), caller_index=caller_index, mask_kind=kind,
+                               caller_len=call.get("_caller_len", q))
             prefill.encoder_selection = call.get("_encoder_selection")
             prefill.cuts.append(_Cut(layer=0, src=arange, index=arange, valid=valid, positions=positions,
                                      shift=torch.zeros(batch, dtype=torch.long, device=device), identity=True))
