@@ -95,6 +95,10 @@ Encoder-side selection (only when ``supports_encoder_selection(model)`` is True;
     ``encoder_positions(model, call, src, dropped_before, valid)``
                                   ``position_ids`` of the rows left (default: the caller's
                                   positions or ``arange``, through ``positions_after_stage``).
+    ``encoder_step_positions(model, call, caller_past, q, shift)``
+                                  ``position_ids`` of a decoding step's new rows (default: the
+                                  caller's or ``arange``, through ``decode_positions``; a model
+                                  that derives them from its cache length must override it).
     ``shrink_call(model, call, src)``
                                   other per-row kwargs gathered with ``src`` (B, S'), e.g.
                                   ``mm_token_type_ids``; returns the replaced entries.
@@ -212,6 +216,16 @@ class Adapter:
             ids = call["input_ids"]
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
         return self.positions_after_stage(positions.expand(batch, -1), src, dropped_before, valid)
+
+    def encoder_step_positions(self, model, call: dict, caller_past: int, q: int, shift: torch.Tensor) -> torch.Tensor:
+        """``position_ids`` of a decoding step's ``q`` new rows after encoder-side selection.
+        ``caller_past``: tokens before them in the caller's numbering; ``shift`` (B,): tokens the
+        encoder dropped. Default: the caller's positions (or ``arange``) through ``decode_positions``."""
+        positions = call.get("position_ids")
+        if positions is None:
+            device = shift.device
+            positions = torch.arange(caller_past, caller_past + q, device=device)[None].expand(shift.shape[0], q)
+        return self.decode_positions(positions, shift)
 
     def reduce_encoder_features(self, model, call: dict, budget: int | float, tau: float):
         raise NotImplementedError(f"{self.name}: encoder-side selection is not implemented")
@@ -785,10 +799,7 @@ def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
             raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
                              f"got {tuple(mask2d.shape)}")
         kwargs["attention_mask"] = torch.cat([enc["valid"].to(mask2d.dtype), mask2d[:, enc["caller_len"]:]], dim=1)
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(caller_past, caller_past + q, device=ref.device)[None].expand(batch, q)
-    kwargs["position_ids"] = state.adapter.decode_positions(positions, enc["shift"])
+    kwargs["position_ids"] = state.adapter.encoder_step_positions(state.model, kwargs, caller_past, q, enc["shift"])
     return kwargs
 
 

@@ -195,6 +195,19 @@ def test_padded_batch_equals_each_sample_alone(side):
     assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
 
 
+def test_batch_mixing_a_text_only_sample_equals_each_sample_alone():
+    model = _llava(layers=4)
+    rows = [[1, 2, 3, 4, 5, 6, 7], _prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[4]))
+    seq, logits = _generate(model, ids, _pixels(1), steps=3, mask=mask)
+    assert (last_selection(model)[0][0] == -1).all() and (last_selection(model)[0][1] >= 0).sum() == 4
+    for b, (r, px) in enumerate(zip(rows, (None, _pixels(1)))):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), px, steps=3)
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+
+
 def test_left_padded_generate_equals_each_sample_alone():
     model = _llava(layers=4)
     rows = [_prompt([1, 2], 1, [4, 5, 6]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
@@ -339,6 +352,30 @@ def test_llava_next_cached_decoding_equals_reduced_model_from_scratch():
 
 # ------------------------------------------------------------------------------------------------
 # Encoder-side selection (SPEC 4), LLaVA-1.5: an 8 x 8 patch grid, windows of 2 x 2 (16 windows)
+def test_split_local_global_and_merge_dropped_rules():
+    from pio_kernels.integrations.engine import merge_dropped, split_local_global
+    # 5 x 5 grid, windows 2 x 2: 9 windows (edge windows smaller); budget 20 -> 1 local per window
+    g = torch.Generator().manual_seed(0)
+    shallow, deep = torch.rand(25, generator=g), torch.rand(25, generator=g)
+    kept = split_local_global(shallow, deep, (5, 5), 20, (2, 2))
+    window = [(r // 2) * 3 + c // 2 for r in range(5) for c in range(5)]
+    local = [max((i for i in range(25) if window[i] == w), key=lambda i: (float(shallow[i]), -i)) for w in range(9)]
+    rest = sorted((i for i in range(25) if i not in local), key=lambda i: (-float(deep[i]), i))[:11]
+    assert kept.tolist() == sorted(local + rest)
+    # ties go to the lower index; unavailable tokens are never kept and their windows do not count
+    flat = torch.zeros(25)
+    available = torch.ones(25, dtype=torch.bool)
+    available[:10] = False
+    assert split_local_global(flat, flat, (5, 5), 3, (5, 5), available).tolist() == [10, 11, 12]
+    with pytest.raises(ValueError, match="budget"):
+        split_local_global(flat, flat, (5, 5), 16, (5, 5), available)
+    # merging: each dropped row joins its most similar kept row; kept rows become means
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
+    merged = merge_dropped(feats, torch.tensor([0, 1]))
+    torch.testing.assert_close(merged, torch.stack([feats[[0, 2]].mean(0), feats[[1, 3, 4]].mean(0)]))
+    assert torch.equal(merge_dropped(feats, torch.arange(5)), feats)
+
+
 def _llava_encoder(attn: str = "sdpa"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=9, num_attention_heads=4,
