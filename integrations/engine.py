@@ -107,12 +107,13 @@ Shared rules: :func:`split_local_global` (local windows + global top) and
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.attention
@@ -627,7 +628,7 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     try:
         # The probe runs the layer with an explicit mask and needs key gradients: let SDPA pick
         # any backend there, even where the caller forced one (e.g. flash) for the model itself.
-        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS):
+        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS), _outputs_not_recorded():
             scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
                                                 prev.embeddings, attention_mask=mask2d,
                                                 num_positions=config.num_positions)
@@ -657,6 +658,22 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     prefill.cuts.append(cut)
     prefill.selection.append(_visual_rows(prefill, cut))
     return hidden
+
+
+@contextlib.contextmanager
+def _outputs_not_recorded() -> Iterator[None]:
+    """Keeps the probe's own layer call out of ``output_hidden_states`` / ``output_attentions``
+    (transformers records layer outputs through a context variable; absent: nothing to do)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
 
 
 def _select_images(hidden: torch.Tensor, scores: torch.Tensor, image_ids: torch.Tensor, keep_spec, tau: float,

@@ -195,6 +195,16 @@ def test_padded_batch_equals_each_sample_alone(side):
     assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
 
 
+def test_output_hidden_states_has_one_entry_per_layer():
+    model = _llava(layers=4)
+    ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
+    apply_pio(model, PioConfig(layers=[2], keep=[4]))
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=_pixels(1), output_hidden_states=True)
+    # embeddings, then every layer's output: layers from 2 on see 24 - 12 rows
+    assert [h.shape[1] for h in out.hidden_states] == [24, 24, 24, 12, 12]
+
+
 def test_batch_mixing_a_text_only_sample_equals_each_sample_alone():
     model = _llava(layers=4)
     rows = [[1, 2, 3, 4, 5, 6, 7], _prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])]
