@@ -195,6 +195,17 @@ def test_padded_batch_equals_each_sample_alone(side):
     assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
 
 
+def test_inference_mode_equals_no_grad():
+    model = _llava(layers=4)
+    ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[6, 2]))
+    with torch.no_grad():
+        want = model(input_ids=ids, pixel_values=_pixels(1)).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids, pixel_values=_pixels(1)).logits
+    assert torch.equal(got, want)
+
+
 def test_output_hidden_states_has_one_entry_per_layer():
     model = _llava(layers=4)
     ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
