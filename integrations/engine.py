@@ -628,9 +628,7 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     try:
         # The probe runs the layer with an explicit mask and needs key gradients: let SDPA pick
         # any backend there, even where the caller forced one (e.g. flash) for the model itself.
-        # inference_mode(False): the probe's own index tensors must be able to enter autograd.
-        with torch.inference_mode(False), torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS), \
-                _outputs_not_recorded():
+        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS), _outputs_not_recorded():
             scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
                                                 prev.embeddings, attention_mask=mask2d,
                                                 num_positions=config.num_positions)
