@@ -205,11 +205,14 @@ def main() -> None:
     dtype = getattr(torch, ns.dtype) if ns.dtype else None
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = run(ns.device, quick=ns.quick, shapes=shapes, dtype=dtype, repeat=ns.repeat)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     harness.print_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
     if not ns.no_write:
         path = harness.write_results("saliency", ns.device, rows, tag="quick" if ns.quick else "",
-                                     extra={"threads": torch.get_num_threads()})
+                                     extra={"threads": torch.get_num_threads(),
+                                            "load_avg_1m": [load_before, load_after]})
         print(f"wrote {path}")
 
 

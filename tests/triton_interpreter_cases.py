@@ -28,7 +28,8 @@ from pio_kernels.triton.saliency_epilogue import saliency_epilogue  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows,vocab,dim,bias", [(4, 300, 70, False), (21, 257, 48, True), (16, 128, 64, True)])
+@pytest.mark.parametrize("rows,vocab,dim,bias", [(4, 300, 70, False), (21, 257, 48, True), (16, 128, 64, True),
+                                                  (70, 140, 20, False)])
 def test_head_loss_grad_matches_torch(dtype, rows, vocab, dim, bias):
     gen = torch.Generator().manual_seed(rows + vocab)
     normed = torch.randn(rows, dim, generator=gen)
