@@ -1,24 +1,422 @@
-"""Proxy saliency (SPEC section 2) behind the public API.
+"""The exact reduced probe: proxy saliency (SPEC section 2) without a full layer pass.
 
-For now this is backed by :func:`pio_kernels.reference.proxy_saliency`; the exact
-reduced probe replaces the body without changing the signature.
+:func:`pio_kernels.reference.proxy_saliency` runs the layer on every position, builds
+``S x V`` logits and asks autograd for ``d l / d H``. Only the ``K`` loss rows of each sample
+reach the loss, and every other token reaches them only through its key and value in the
+layer's attention (SPEC 2, "Why this is cheap to compute exactly"). This module computes
+the same gradient by hand, step by step:
+
+forward (``p`` = the K loss rows, ``j`` = every position)
+    F1  ``Xn = input_layernorm(H)`` for every row (HF rounding kept: fp32 norm, cast, times gain)
+    F2  keys ``Kr_j = rope(Xn_j W_k^T + b_k)`` for every row; queries ``Qr_p`` for loss rows only
+    F3  ``P = softmax(scaling * Qr_p Kr^T)`` over the keys row ``p`` may see (causal, no padding)
+    F4  ``O_p = (P Xn) W_v^T + b_v`` (no value projection of every row), ``A_p = O_p W_o^T``
+    F5  ``H1_p = H_p + A_p``, post-attention norm, SwiGLU MLP, ``Y_p = H1_p + MLP``
+    F6  ``Z_p = lm_head(final_norm(Y_p))`` (K x V, fp32), pseudo-label ``argmax Z_p``
+backward (fp32 throughout; weights stay in their dtype, matmuls accumulate in fp32)
+    B1  ``dZ = (softmax(Z) - onehot) / K`` and ``dF = dZ W_head``; final-norm backward -> ``dY``
+    B2  MLP and post-attention-norm backward -> ``dH1_p`` (also the residual part of ``dH_p``)
+    B3  ``dO = dH1 W_o``; ``u = dO W_v`` (one D-vector per head and loss row)
+    B4  ``dS = P * (u Xn^T - rowsum)`` (the value bias and ``b_v`` cancel in the softmax)
+    B5  ``dXn_j = R^T(dKr_j) W_k`` (key path) ``+ P^T u`` (value path, rank <= heads*K)
+        ``+ R^T(dQr_p) W_q`` on the loss rows; ``R^T`` undoes RoPE with the given cos/sin
+    B6  ``dH = input_layernorm backward(dXn) + dH1`` (loss rows), score ``||dH_j||_2`` (fp32)
+
+Cost on LLaVA-1.5-7B (S 640, D 4096, V 32000): two ``S x D x D_kv`` products (keys and the
+key-path backward, ~43 GFLOP) plus K rows of everything else, against ~1.3 TFLOP for the
+reference. On CUDA the head (F6 + B1) and the epilogue (B6) run as fused Triton kernels
+(:mod:`pio_kernels.triton.head_loss`, :mod:`pio_kernels.triton.saliency_epilogue`); the
+torch code below is their fallback and the CPU path.
+
+Fast path: Llama-family decoder layers (Llama, Qwen2, Qwen2.5-VL text; MHA or GQA, optional
+biases, RoPE or M-RoPE handed over as ``(cos, sin)`` of shape (B, S, head_dim)). Any other
+layer falls back to the reference with a one-time warning naming its type.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pio_kernels import reference
 
-__all__ = ["proxy_saliency"]
+__all__ = ["proxy_saliency", "supports_fast_path"]
+
+BACKENDS = ("auto", "torch", "triton")
+# Process-wide default for ``backend="auto"``: set to "torch" to force the torch path
+# everywhere (benchmarks, debugging); "auto" uses Triton on CUDA when it imports.
+DEFAULT_BACKEND = "auto"
+
+_WARNED_TYPES: set[str] = set()
+_LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_MLP_PARTS = {"gate_proj", "up_proj", "down_proj"}
+
+
+# --------------------------------------------------------------------------------------
+# Structure detection
+# --------------------------------------------------------------------------------------
+
+def _is_rms_norm(module: object) -> bool:
+    """HF RMSNorm: ``weight * (x * rsqrt(mean(x^2) + variance_epsilon)).to(dtype)``, no bias."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+            and getattr(module, "bias", None) is None
+            and not any(True for _ in module.children()))
+
+
+def _is_silu(act: object) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _only_known_parameterised_children(module: nn.Module, known: set[str]) -> bool:
+    """True when every child that carries parameters is one we model (rejects e.g. q_norm)."""
+    return all(name in known or not any(True for _ in child.parameters())
+               for name, child in module.named_children())
+
+
+def supports_fast_path(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Module) -> bool:
+    """Whether ``layer`` is a pre-norm Llama-family decoder layer the reduced probe models exactly.
+
+    Checked by structure, not by class: ``self_attn.{q,k,v,o}_proj`` and
+    ``mlp.{gate,up,down}_proj`` linears, a SiLU ``act_fn``, HF RMSNorms for
+    ``input_layernorm``, ``post_attention_layernorm`` and ``final_norm``, a linear head,
+    and no other parameterised submodule (so Qwen3's q/k norms or Gemma's extra norms
+    send the layer to the reference).
+    """
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+        return False
+    if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in _ATTN_PARTS):
+        return False
+    if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _MLP_PARTS):
+        return False
+    if not _is_silu(getattr(mlp, "act_fn", None)):
+        return False
+    if not all(_is_rms_norm(m) for m in (getattr(layer, "input_layernorm", None),
+                                         getattr(layer, "post_attention_layernorm", None), final_norm)):
+        return False
+    if not isinstance(lm_head, nn.Linear):
+        return False
+    head_dim, scaling = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
+    if not isinstance(head_dim, int) or not isinstance(scaling, float):
+        return False
+    if attn.q_proj.out_features % head_dim or attn.k_proj.out_features % head_dim:
+        return False
+    if (attn.q_proj.out_features // head_dim) % (attn.k_proj.out_features // head_dim):
+        return False
+    return (_only_known_parameterised_children(layer, _LAYER_PARTS)
+            and _only_known_parameterised_children(attn, _ATTN_PARTS)
+            and _only_known_parameterised_children(mlp, _MLP_PARTS))
+
+
+# --------------------------------------------------------------------------------------
+# Small exact pieces (fp32 math, weights in their own dtype)
+# --------------------------------------------------------------------------------------
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` in fp32: the matmul runs in the weight's dtype (fp32 accumulate)."""
+    y = F.linear(x.to(weight.dtype), weight).float()
+    return y if bias is None else y + bias.float()
+
+
+def _linear_t(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dy @ weight`` in fp32: the input gradient of ``F.linear(x, weight)``."""
+    return (dy.to(weight.dtype) @ weight).float()
+
+
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dim, fp32, keepdim."""
+    x = x.float()
+    return torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def _rms_norm_backward(x: torch.Tensor, rstd: torch.Tensor, grad_normed: torch.Tensor) -> torch.Tensor:
+    """d/dx of ``x * rstd(x)`` given the gradient ``g`` of the normalised rows (gain already applied).
+
+    ``dx = rstd * g - x * rstd^3 * mean(g * x)``, fp32.
+    """
+    x = x.float()
+    return rstd * grad_normed - x * rstd.pow(3) * (grad_normed * x).mean(dim=-1, keepdim=True)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's ``rotate_half``: ``(x1, x2) -> (-x2, x1)`` on the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_half_transposed(g: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`_rotate_half`: ``(g1, g2) -> (g2, -g1)``."""
+    g1, g2 = g.chunk(2, dim=-1)
+    return torch.cat((g2, -g1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``R^T``: undoes RoPE on a gradient (``y = x cos + rot(x) sin`` -> ``dx = dy cos + rot^T(dy sin)``)."""
+    return grad * cos + _rotate_half_transposed(grad * sin)
+
+
+def _head_chunk_rows(weight: torch.Tensor) -> int:
+    """Vocabulary rows per step of the torch head: a cache-sized slice on CPU (it is used twice
+    back to back), a large one on CUDA (fewer launches; bounds the fp32 copy to 64 MB)."""
+    if weight.device.type == "cuda":
+        return max(1, (64 << 20) // (4 * weight.shape[1]))
+    return max(16, (2 << 20) // (weight.element_size() * weight.shape[1]))
+
+
+def _head_loss_grad_torch(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          row_scale: torch.Tensor) -> torch.Tensor:
+    """Torch fallback of :func:`pio_kernels.triton.head_loss.head_loss_grad` (SPEC 2.2-2.4).
+
+    ``normed`` (R, D) fp32 final-norm rows; ``weight`` (V, D); ``row_scale`` (R,) fp32 loss
+    weight of each row (1/K). Returns ``d loss / d normed`` (R, D) fp32 with
+    ``loss = sum_r row_scale_r * CE(Z_r, argmax Z_r)``, ``Z = normed W^T + b`` in fp32, i.e.
+    ``row_scale * (softmax(Z) W - W[argmax Z])``.
+
+    One pass over the vocabulary, online-softmax style: each slice of the head (upcast to
+    fp32) gives its logits, then at once its share ``exp(Z - m) W`` of the softmax-weighted
+    sum, rescaled whenever the running max ``m`` grows. The head is read once (the slice is
+    still in cache for the second product); no ``R x V`` tensor is held. Ties of the
+    pseudo-label go to the lowest index, as ``torch.argmax``.
+    """
+    rows, dim = normed.shape
+    vocab = weight.shape[0]
+    step = _head_chunk_rows(weight)
+    run_max = torch.full((rows, 1), float("-inf"), dtype=torch.float32, device=normed.device)
+    run_sum = torch.zeros(rows, 1, dtype=torch.float32, device=normed.device)
+    acc = torch.zeros(rows, dim, dtype=torch.float32, device=normed.device)
+    label = torch.zeros(rows, dtype=torch.long, device=normed.device)
+    for start in range(0, vocab, step):
+        w = weight[start:start + step].float()
+        z = F.linear(normed, w, None if bias is None else bias[start:start + step].float())
+        chunk_max, chunk_arg = z.max(dim=1, keepdim=True)
+        label = torch.where(chunk_max[:, 0] > run_max[:, 0], chunk_arg[:, 0] + start, label)
+        new_max = torch.maximum(run_max, chunk_max)
+        rescale = torch.exp(run_max - new_max)
+        p = torch.exp(z - new_max)
+        run_sum = run_sum * rescale + p.sum(dim=1, keepdim=True)
+        acc = torch.addmm(acc * rescale, p, w)
+        run_max = new_max
+    return row_scale[:, None] * (acc / run_sum - weight[label].float())
+
+
+def _epilogue_torch(grad_xn: torch.Tensor, hidden: torch.Tensor, gain: torch.Tensor, eps: float,
+                    rows: torch.Tensor, grad_residual: torch.Tensor) -> torch.Tensor:
+    """Torch fallback of :func:`pio_kernels.triton.saliency_epilogue.saliency_epilogue` (SPEC 2.5).
+
+    ``grad_xn`` (B, S, D) fp32 gradient of ``input_layernorm``'s output, ``hidden`` (B, S, D)
+    its input, ``rows`` (B, K) loss rows whose residual gradient ``grad_residual`` (B, K, D)
+    is added. Returns (B, S) fp32 ``|| dH ||_2``.
+    """
+    grad_h = _rms_norm_backward(hidden, _rms_scale(hidden, eps), grad_xn * gain.float())
+    grad_h.scatter_add_(1, rows[..., None].expand_as(grad_residual), grad_residual)
+    return grad_h.norm(dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# The reduced probe
+# --------------------------------------------------------------------------------------
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _rotary_tables(position_embeddings, batch: int, seq_len: int, head_dim: int):
+    cos, sin = position_embeddings
+    if cos.dim() == 4:
+        raise ValueError("position_embeddings: got a 4-D cos of shape "
+                         f"{tuple(cos.shape)}; pass the (B, S, head_dim) pair the decoder layer takes "
+                         "(M-RoPE sections already merged, as transformers >= 5 does)")
+    if cos.shape != sin.shape or cos.shape[-1] != head_dim or cos.shape[-2] != seq_len or cos.dim() not in (2, 3):
+        raise ValueError(f"position_embeddings must be (cos, sin) of shape (B, {seq_len}, {head_dim}) or "
+                         f"({seq_len}, {head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    cos, sin = cos.float(), sin.float()
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+
+
+def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, hidden_states: torch.Tensor,
+                         position_embeddings, attention_mask: torch.Tensor | None, num_positions: int,
+                         use_triton: bool) -> torch.Tensor:
+    attn, mlp = layer.self_attn, layer.mlp
+    norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+    batch, seq_len, hidden = hidden_states.shape
+    head_dim = attn.head_dim
+    n_heads, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+    group = n_heads // n_kv
+    k_rows = num_positions
+    device = hidden_states.device
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+
+    rows = reference.loss_positions(attention_mask, batch, seq_len, num_positions, device=device)  # (B, K)
+    cos, sin = _rotary_tables(position_embeddings, batch, seq_len, head_dim)  # (B, S, hd) fp32
+    gather_rows = rows[..., None]
+
+    def take(x: torch.Tensor) -> torch.Tensor:  # (B, S, ...) -> (B, K, ...), the loss rows
+        return x.gather(1, gather_rows.expand(-1, -1, x.shape[-1]))
+
+    # F1: input norm for every row, rounded like HF (fp32 norm, cast to the input dtype, times gain).
+    h = hidden_states
+    rstd_in = _rms_scale(h, norm_in.variance_epsilon)  # (B, S, 1)
+    xn = (norm_in.weight * (h.float() * rstd_in).to(h.dtype)).float()  # (B, S, D)
+
+    # F2: keys of every row (RoPE applied); queries of the loss rows only.
+    k = _linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(batch, seq_len, n_kv, head_dim)
+    k_rot = _rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2)  # (B, G, S, hd)
+    cos_p, sin_p = take(cos)[:, :, None], take(sin)[:, :, None]  # (B, K, 1, hd)
+    xn_p = take(xn)  # (B, K, D)
+    q = _linear(xn_p, attn.q_proj.weight, attn.q_proj.bias).view(batch, k_rows, n_heads, head_dim)
+    q_rot = _rope(q, cos_p, sin_p).view(batch, k_rows, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+    # q_rot: (B, G, r, K, hd); head h = g * r + i, the order of HF's repeat_kv.
+
+    # F3: attention probabilities of the loss rows: causal, padding keys hidden (SPEC 2.1).
+    key_pos = torch.arange(seq_len, device=device)
+    allowed = key_pos[None, None, :] <= rows[..., None]  # (B, K, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    logits_att = attn.scaling * torch.einsum("bgrpd,bgsd->bgrps", q_rot, k_rot)
+    logits_att = logits_att.masked_fill(~allowed[:, None, None], float("-inf"))
+    prob = torch.softmax(logits_att, dim=-1)  # (B, G, r, K, S) fp32
+
+    # F4: attention output through P Xn (values never projected for every row), then o_proj.
+    w_v = attn.v_proj.weight.view(n_kv, head_dim, hidden)
+    prob_xn = torch.einsum("bgrps,bsD->bgrpD", prob, xn)  # (B, G, r, K, D)
+    out = torch.einsum("bgrpD,gdD->bgrpd", prob_xn.to(w_v.dtype), w_v).float()
+    if attn.v_proj.bias is not None:
+        out = out + attn.v_proj.bias.float().view(n_kv, 1, 1, head_dim)
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, k_rows, n_heads * head_dim)
+    h1 = take(h).float() + _linear(out, attn.o_proj.weight, attn.o_proj.bias)  # (B, K, D)
+
+    # F5: post-attention norm and SwiGLU MLP on the loss rows.
+    rstd_post = _rms_scale(h1, norm_post.variance_epsilon)
+    n2 = norm_post.weight.float() * (h1 * rstd_post)
+    gate = _linear(n2, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = _linear(n2, mlp.up_proj.weight, mlp.up_proj.bias)
+    sig = torch.sigmoid(gate)
+    act = gate * sig
+    y = h1 + _linear(act * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+    # F6 + B1: final norm, head, CE against the argmax pseudo-label, gradient back to Y.
+    rstd_final = _rms_scale(y, final_norm.variance_epsilon)
+    normed = (final_norm.weight.float() * (y * rstd_final)).reshape(batch * k_rows, hidden)
+    row_scale = torch.full((batch * k_rows,), 1.0 / k_rows, dtype=torch.float32, device=device)
+    if use_triton:
+        from pio_kernels.triton.head_loss import head_loss_grad
+        grad_normed = head_loss_grad(normed, lm_head.weight, lm_head.bias, row_scale)
+    else:
+        grad_normed = _head_loss_grad_torch(normed, lm_head.weight, lm_head.bias, row_scale)
+    grad_normed = grad_normed.view(batch, k_rows, hidden)
+    grad_y = _rms_norm_backward(y, rstd_final, grad_normed * final_norm.weight.float())
+
+    # B2: MLP and post-attention norm backward; dH1 is also the residual gradient of H_p.
+    grad_m = _linear_t(grad_y, mlp.down_proj.weight)  # (B, K, M)
+    grad_gate = grad_m * up * (sig * (1.0 + gate * (1.0 - sig)))  # silu'(x) = s + x s (1 - s)
+    grad_up = grad_m * act
+    grad_n2 = _linear_t(grad_gate, mlp.gate_proj.weight) + _linear_t(grad_up, mlp.up_proj.weight)
+    grad_h1 = grad_y + _rms_norm_backward(h1, rstd_post, grad_n2 * norm_post.weight.float())
+
+    # B3: through o_proj to the per-head attention output, then u = dO W_v per head.
+    grad_out = _linear_t(grad_h1, attn.o_proj.weight).view(batch, k_rows, n_kv, group, head_dim)
+    grad_out = grad_out.permute(0, 2, 3, 1, 4)  # (B, G, r, K, hd)
+    u = torch.einsum("bgrpd,gdD->bgrpD", grad_out.to(w_v.dtype), w_v).float()  # (B, G, r, K, D)
+
+    # B4: softmax backward. dP_j = u . Xn_j + dO . b_v; the constant cancels against the rowsum.
+    grad_prob = torch.einsum("bgrpD,bsD->bgrps", u, xn)
+    grad_logits_att = prob * (grad_prob - (prob * grad_prob).sum(dim=-1, keepdim=True))
+    grad_logits_att = grad_logits_att * attn.scaling
+
+    # B5: key path (every row), value path (rank <= heads*K), query path (loss rows).
+    grad_k_rot = torch.einsum("bgrps,bgrpd->bgsd", grad_logits_att, q_rot).transpose(1, 2)  # (B, S, G, hd)
+    grad_k = _rope_backward(grad_k_rot, cos[:, :, None], sin[:, :, None]).reshape(batch, seq_len, n_kv * head_dim)
+    grad_xn = _linear_t(grad_k, attn.k_proj.weight)  # (B, S, D)
+    grad_xn += torch.einsum("bgrps,bgrpD->bsD", prob, u)
+    grad_q_rot = torch.einsum("bgrps,bgsd->bgrpd", grad_logits_att, k_rot).permute(0, 3, 1, 2, 4)
+    grad_q = _rope_backward(grad_q_rot.reshape(batch, k_rows, n_heads, head_dim), cos_p, sin_p)
+    grad_xn.scatter_add_(1, gather_rows.expand(-1, -1, hidden),
+                         _linear_t(grad_q.reshape(batch, k_rows, n_heads * head_dim), attn.q_proj.weight))
+
+    # B6: input-norm backward, the residual of the loss rows, per-token L2 norm.
+    if use_triton:
+        from pio_kernels.triton.saliency_epilogue import saliency_epilogue
+        scores = saliency_epilogue(grad_xn, h, norm_in.weight, norm_in.variance_epsilon, rows, grad_h1)
+    else:
+        scores = _epilogue_torch(grad_xn, h, norm_in.weight, norm_in.variance_epsilon, rows, grad_h1)
+    if attention_mask is not None:
+        scores = scores * attention_mask.to(device=device, dtype=scores.dtype)
+    return scores
+
+
+def _check_args(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, num_positions: int,
+                backend: str) -> None:
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+        raise ValueError("hidden_states must be a (B, S, D) tensor, got "
+                         f"{getattr(hidden_states, 'shape', type(hidden_states))}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"attention_mask must be (B, S) = {tuple(hidden_states.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if not isinstance(num_positions, int) or num_positions < 1:
+        raise ValueError(f"num_positions must be an int >= 1, got {num_positions!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, hidden_states: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor], *,
-                   attention_mask: torch.Tensor | None = None, num_positions: int = 4) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None, num_positions: int = 4,
+                   backend: str | None = None) -> torch.Tensor:
     """Gradient saliency (B, S) float32 of every token entering ``layer`` (SPEC section 2).
 
-    See :func:`pio_kernels.reference.proxy_saliency` for the arguments and semantics.
+    Same arguments and result as :func:`pio_kernels.reference.proxy_saliency` (which is the
+    definition), computed by the exact reduced probe described in this module's docstring.
+
+    Args:
+        layer, final_norm, lm_head: the decoder layer, the model's final norm and head; any
+            dtype (fp32 / fp16 / bf16), CPU or CUDA.
+        hidden_states: (B, S, D), the input of ``layer``.
+        position_embeddings: ``(cos, sin)``, each (B, S, head_dim) (or (S, head_dim)).
+        attention_mask: (B, S), 1 for real tokens, padding on either side; ``None``: all real.
+        num_positions: K, loss rows per sample (SPEC 2.3).
+        backend: ``"auto"`` (Triton kernels on CUDA when Triton imports, torch otherwise),
+            ``"torch"`` (force the torch path) or ``"triton"`` (force the kernels; CPU only
+            under ``TRITON_INTERPRET=1``). ``None`` reads :data:`DEFAULT_BACKEND`.
+
+    Returns:
+        (B, S) float32 on ``hidden_states.device``; padding scores 0. Batch-invariant
+        (per-sample loss mean). Works under ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+    Layers that :func:`supports_fast_path` rejects go to the reference, with one warning
+    per layer type.
     """
-    return reference.proxy_saliency(layer, final_norm, lm_head, hidden_states, position_embeddings,
-                                    attention_mask=attention_mask, num_positions=num_positions)
+    backend = DEFAULT_BACKEND if backend is None else backend
+    _check_args(hidden_states, attention_mask, num_positions, backend)
+    if not supports_fast_path(layer, final_norm, lm_head):
+        name = type(layer).__name__
+        if name not in _WARNED_TYPES:
+            _WARNED_TYPES.add(name)
+            warnings.warn(f"proxy_saliency: no exact fast path for {name} (not a pre-norm Llama-family "
+                          "layer with SiLU MLP and RMSNorms); using the reference, which runs the whole "
+                          "layer and full-vocabulary logits", RuntimeWarning, stacklevel=2)
+        return reference.proxy_saliency(layer, final_norm, lm_head, hidden_states, position_embeddings,
+                                        attention_mask=attention_mask, num_positions=num_positions)
+    use_triton = backend == "triton" or (backend == "auto" and _triton_available(hidden_states.device))
+    with torch.no_grad():
+        return _fast_proxy_saliency(layer, final_norm, lm_head, hidden_states.detach(), position_embeddings,
+                                    attention_mask, num_positions, use_triton)
