@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["merge_into_kept", "vision_column_scores", "window_global_selection"]
+from .engine import Adapter, register_adapter
+
+__all__ = ["Qwen2_5_VLAdapter", "VisionSelection", "merge_into_kept", "vision_column_scores", "window_global_selection"]
 
 # Attention probabilities held at once by vision_column_scores, in elements (fp32: 64 MiB).
 _SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -152,3 +154,202 @@ def merge_into_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     count = torch.ones(keep.shape[0], dtype=torch.float32, device=features.device)
     count = count.index_add(0, target, torch.ones_like(target, dtype=torch.float32))
     return (total / count[:, None]).to(features.dtype)
+
+
+def _frames(grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int]]:
+    """(h, w) of the merged grid of every frame, items in order (an image is one frame)."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        out += [(h // merge, w // merge)] * t
+    return out
+
+
+class VisionSelection:
+    """Encoder-side selection on a ``Qwen2_5_VisionTransformerPretrainedModel`` (SPEC section 4).
+
+    Hooks (installed by :meth:`attach`, removed by :meth:`detach`):
+    * a pre-hook on block ``local_block`` and one on ``global_block`` record the column means
+      of that block's attention (:func:`vision_column_scores`);
+    * a forward hook on the tower turns its merged output (one row per 2x2 patch group, in
+      ``input_ids`` order) into the merged features of the kept tokens: per image (or video
+      frame) ``window_global_selection`` on the merged grid, then :func:`merge_into_kept`.
+
+    The tower's output keeps its length (the stock model checks it against the pad tokens):
+    kept rows hold their merged features, dropped rows are left as they are, and
+    ``calls`` records, per tower call, ``(grid_thw, keep)`` with ``keep`` a (rows,) bool mask.
+    Dropping the rows from the sequence is the language side's job.
+
+    ``budget(n)`` gives the tokens kept out of an image's (frame's) ``n``.
+    """
+
+    def __init__(self, visual: nn.Module, budget, local_block: int | None = None, global_block: int | None = None,
+                 window: int = 4):
+        self.visual = visual
+        self.budget = budget
+        cfg = visual.config
+        full = list(getattr(cfg, "fullatt_block_indexes", []) or [])
+        depth = len(visual.blocks)
+        # The released code reads the first full-attention block and the last block.
+        self.local_block = local_block if local_block is not None else (full[0] if full else depth // 2)
+        self.global_block = depth - 1 if global_block is None else global_block
+        for name, idx in (("local_block", self.local_block), ("global_block", self.global_block)):
+            if not 0 <= idx < depth:
+                raise ValueError(f"{name} must be in [0, {depth}), got {idx}")
+        self.window = window
+        self.merge = int(cfg.spatial_merge_size)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scores: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+        self.enabled = True
+
+    def attach(self) -> None:
+        blocks = self.visual.blocks
+        for idx in sorted({self.local_block, self.global_block}):
+            self._handles.append(blocks[idx].register_forward_pre_hook(self._block_hook(idx), with_kwargs=True))
+        self._handles.append(self.visual.register_forward_hook(self._tower_hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.calls.clear()
+        self._scores.clear()
+
+    def _block_hook(self, idx: int):
+        def hook(block, args, kwargs):
+            if not self.enabled:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+            pe = kwargs.get("position_embeddings")
+            with torch.no_grad():
+                self._scores[idx] = vision_column_scores(block.attn, block.norm1(hidden), cu, pe)
+            return None
+        return hook
+
+    def _window_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The tower's permutation of merged rows into window order (the stock helper)."""
+        from transformers.vision_utils import get_vision_window_index
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=self.merge,
+                                           window_size=self.visual.window_size,
+                                           patch_size=self.visual.patch_size)
+        return index
+
+    def _tower_hook(self, visual, args, kwargs, output):
+        if not self.enabled:
+            return None
+        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        merged = output.pooler_output if hasattr(output, "pooler_output") else output
+        unit = self.merge ** 2
+        reverse = torch.argsort(self._window_order(grid_thw).to(merged.device))
+        local = self._scores.pop(self.local_block).view(-1, unit).mean(1)[reverse]
+        global_ = self._scores.pop(self.global_block, None)
+        global_ = local if global_ is None else global_.view(-1, unit).mean(1)[reverse]
+        new = merged.clone()
+        keep = torch.zeros(merged.shape[0], dtype=torch.bool, device=merged.device)
+        start = 0
+        with torch.no_grad():
+            for h, w in _frames(grid_thw, self.merge):
+                n = h * w
+                rows = slice(start, start + n)
+                kept = window_global_selection(local[rows], global_[rows], h, w, self.budget(n), self.window)
+                new[start + kept] = merge_into_kept(merged[rows], kept)
+                keep[start + kept] = True
+                start += n
+        self.calls.append((grid_thw, keep))
+        if hasattr(output, "pooler_output"):
+            output.pooler_output = new
+            return output
+        return new
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter
+# ----------------------------------------------------------------------------------------------
+def _three_rows(position_ids: torch.Tensor | None, batch: int, start: int, length: int, device) -> torch.Tensor:
+    """The (3, B, L) M-RoPE ids the text model uses, from what it was handed.
+
+    ``(4, B, L)`` (``generate`` prepends the text positions) drops its first row, ``(B, L)`` is
+    broadcast to the three axes, ``None`` means ``arange`` from ``start`` (the text model's own
+    fallback).
+    """
+    if position_ids is None:
+        pos = torch.arange(start, start + length, device=device)
+        return pos.view(1, 1, -1).expand(3, batch, -1)
+    if position_ids.dim() == 2:
+        return position_ids[None].expand(3, -1, -1)
+    if position_ids.shape[0] == 4:
+        return position_ids[1:]
+    return position_ids
+
+
+class Qwen2_5_VLAdapter(Adapter):
+    """``Qwen2_5_VLForConditionalGeneration``: image and video-frame spans, gathered M-RoPE positions."""
+
+    name = "qwen2_5_vl"
+
+    def model_classes(self) -> tuple[type, ...]:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        return (Qwen2_5_VLForConditionalGeneration,)
+
+    def multimodal_module(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head  # the real head (the released code used the tied input embeddings)
+
+    def image_map(self, model, call: dict, lm_kwargs: dict, seq_len: int) -> torch.Tensor | None:
+        """One id per image and per video frame, in sequence order; -1 for text and padding."""
+        input_ids = call.get("input_ids")
+        if input_ids is None:
+            return None
+        cfg = model.config
+        merge = cfg.vision_config.spatial_merge_size
+        out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        next_id = 0
+        for token, grid_key, counts_key in ((cfg.image_token_id, "image_grid_thw", "_image_frame_counts"),
+                                            (cfg.video_token_id, "video_grid_thw", "_video_frame_counts")):
+            rows = input_ids == token
+            total = int(rows.sum())
+            if total == 0:
+                continue
+            counts = call.get(counts_key)
+            if counts is None and call.get(grid_key) is not None:
+                counts = [h * w // merge ** 2 for t, h, w in call[grid_key].tolist() for _ in range(t)]
+            if counts is not None and sum(counts) == total:
+                ids = torch.repeat_interleave(torch.arange(len(counts), device=out.device),
+                                              torch.tensor(counts, device=out.device)) + next_id
+                next_id += len(counts)
+            else:  # unknown sizes: every contiguous run of pad tokens is one image
+                starts = rows & ~F.pad(rows[:, :-1], (1, 0), value=False)
+                ids = starts.flatten().long().cumsum(0)[rows.flatten()] - 1 + next_id
+                next_id = int(ids.max()) + 1
+            flat = out.view(-1)
+            flat[rows.flatten()] = ids
+        return out
+
+    def prompt_positions(self, model, lm_kwargs: dict, batch: int, seq_len: int, device) -> torch.Tensor:
+        return _three_rows(lm_kwargs.get("position_ids"), batch, 0, seq_len, device)
+
+    def step_positions(self, model, lm_kwargs: dict, batch: int, past: int, q: int, device) -> torch.Tensor:
+        return _three_rows(lm_kwargs.get("position_ids"), batch, past, q, device)
+
+    def positions_after_stage(self, positions: torch.Tensor, src: torch.Tensor, dropped_before: torch.Tensor,
+                              valid: torch.Tensor) -> torch.Tensor:
+        # SPEC 5 for Qwen2.5-VL: kept tokens keep their 3-D positions (gather, no renumbering).
+        kept = positions.gather(2, src[None].expand(positions.shape[0], -1, -1))
+        return torch.where(valid[None], kept, torch.zeros_like(kept))
+
+    def decode_positions(self, positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return positions  # the model's rope deltas already give the right positions
+
+    def layer_position_ids(self, positions: torch.Tensor) -> None:
+        # Layers use position_ids only to detect packed sequences (flash attention); gathered
+        # positions have gaps, so layers after a stage get none and rely on the mask.
+        return None
+
+
+register_adapter(Qwen2_5_VLAdapter())

@@ -105,3 +105,119 @@ def test_vision_column_scores_match_full_attention_map():
         torch.testing.assert_close(qwen.vision_column_scores(block.attn, x, cu, (cos, sin)), expected)
     finally:
         qwen._SCORE_CHUNK_ELEMENTS = old
+
+
+# ---------------------------------------------------------------- a from-scratch reduced model
+
+def _lm_inputs(model, inputs):
+    """What the stock model hands its language model: embeddings, (3, B, S) positions, mask."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    pos = captured["position_ids"]
+    pos = pos[1:] if pos.shape[0] == 4 else pos
+    return captured["inputs_embeds"], pos, captured["attention_mask"], model.model.rope_deltas.clone()
+
+
+def _visual_ids(model, inputs):
+    """(B, S) id of the image or video frame of each row, -1 for text: from runs and grids."""
+    ids = inputs["input_ids"]
+    out = torch.full(ids.shape, -1, dtype=torch.long)
+    next_id = 0
+    cfg = model.config
+    for token, key in ((cfg.image_token_id, "image_grid_thw"), (cfg.video_token_id, "video_grid_thw")):
+        sizes = [] if key not in inputs else \
+            [h * w // 4 for t, h, w in inputs[key].tolist() for _ in range(t)]
+        it = iter(sizes)
+        for b in range(ids.shape[0]):
+            s = 0
+            while s < ids.shape[1]:
+                if ids[b, s] == token:
+                    n = next(it)
+                    out[b, s:s + n] = next_id
+                    next_id += 1
+                    s += n
+                else:
+                    s += 1
+    return out
+
+
+def _causal(n, dtype):
+    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+
+
+def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection=None, tau=0.8, k=4):
+    """Logits of the reduced model computed from scratch, one unpadded sample at a time, no cache.
+
+    Uses the stock modules only and ``pio_kernels.reference`` for the selection (when
+    ``selection`` is None). Returns ``(logits, selection)``: per sample a dict
+    {caller row: logits (V,)} for the rows reaching the head (new tokens are rows
+    S, S+1, ...), and per stage per sample the kept visual caller rows (sorted list).
+    """
+    from pio_kernels import reference
+    from pio_kernels.integrations.engine import resolve_budget
+    lm = model.model.language_model
+    embeds, pos, mask, deltas = _lm_inputs(model, inputs)
+    vis = _visual_ids(model, inputs)
+    batch, seq_len = mask.shape
+    out_logits, out_sel = [], [[] for _ in layers]
+    for b in range(batch):
+        rows = mask[b].nonzero().flatten()
+        x = embeds[b, rows]
+        p = pos[:, b, rows]
+        caller = rows.clone()
+        ids = vis[b, rows]
+        n_prompt = rows.numel()
+        if new_tokens is not None:
+            t = new_tokens.shape[1]
+            x = torch.cat([x, lm.embed_tokens(new_tokens[b])])
+            p_new = (n_prompt + torch.arange(t) + deltas[b]).expand(3, t)
+            p = torch.cat([p, p_new], dim=1)
+            caller = torch.cat([caller, seq_len + torch.arange(t)])
+            ids = torch.cat([ids, torch.full((t,), -1)])
+        cur = torch.arange(x.shape[0])  # rows of this sample still present
+        h = x[None]
+        with torch.no_grad():
+            for li, layer in enumerate(lm.layers):
+                if li in layers:
+                    s = layers.index(li)
+                    cos, sin = lm.rotary_emb(h, p[:, None, cur])
+                    is_prompt = cur < n_prompt
+                    if selection is None:
+                        hp = h[:, is_prompt]
+                        scores = reference.proxy_saliency(layer, lm.norm, model.lm_head, hp,
+                                                          (cos[:, is_prompt], sin[:, is_prompt]), num_positions=k)[0]
+                        keep_rows = torch.ones(cur.numel(), dtype=torch.bool)
+                        for image in ids[cur].unique().tolist():
+                            if image < 0:
+                                continue
+                            r = (ids[cur] == image).nonzero().flatten()
+                            budget = resolve_budget(keep[s], r.numel())
+                            picked = reference.select_tokens(hp[:, r], scores[None, r], budget, tau)[0]
+                            keep_rows[r] = False
+                            keep_rows[r[picked[picked >= 0]]] = True
+                    else:
+                        wanted = set(selection[s][b])
+                        keep_rows = torch.tensor([ids[c] < 0 or int(caller[c]) in wanted for c in cur.tolist()])
+                    cur = cur[keep_rows]
+                    h = h[:, keep_rows]
+                    out_sel[s].append(sorted(int(caller[c]) for c in cur.tolist() if ids[c] >= 0))
+                pe = lm.rotary_emb(h, p[:, None, cur])
+                y = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=pe)
+                h = y[0] if isinstance(y, tuple) else y
+            logits = model.lm_head(lm.norm(h))[0]
+        out_logits.append({int(caller[c]): logits[i] for i, c in enumerate(cur.tolist())})
+    return out_logits, out_sel
+
+
+def _selection_lists(model):
+    from pio_kernels.integrations import last_selection
+    return [[[int(v) for v in row if v >= 0] for row in stage] for stage in last_selection(model)]
