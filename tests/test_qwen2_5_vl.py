@@ -221,3 +221,186 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
 def _selection_lists(model):
     from pio_kernels.integrations import last_selection
     return [[[int(v) for v in row if v >= 0] for row in stage] for stage in last_selection(model)]
+
+
+# ---------------------------------------------------------------- the integration, language side
+
+import copy  # noqa: E402
+
+from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio  # noqa: E402
+
+SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6]]  # several images of different sizes
+_MODELS: dict = {}
+
+
+def _model(attn="sdpa", dtype=torch.float32, layers=4):
+    key = (attn, dtype, layers)
+    if key not in _MODELS:
+        _MODELS[key] = make_model(attn=attn, layers=layers, dtype=dtype)
+    model = _MODELS[key]
+    remove_pio(model)
+    return model
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _assert_rows_close(out, ref, **tol):
+    for b, rows in enumerate(ref):
+        for r, expected in rows.items():
+            torch.testing.assert_close(out[b, r].float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("keep", [[1.0], [1000]])
+def test_full_budget_reproduces_stock_logits(attn, padding_side, keep):
+    model = _model(attn)
+    inputs = make_inputs(SAMPLES, padding_side=padding_side)
+    stock = _logits(model, inputs)
+    apply_pio(model, PioConfig(layers=[2], keep=keep))
+    try:
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        assert [s.shape[1] for s in last_selection(model)] == [7]  # 6 + 1 image tokens
+    finally:
+        remove_pio(model)
+    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("layers,keep", [([2], [0.34]), ([1, 2, 3], [0.75, 2, 1]), ([1, 3], [0.5, 0.34])])
+def test_prefill_matches_reduced_model_from_scratch(attn, padding_side, layers, keep):
+    model = _model(attn)
+    inputs = make_inputs(SAMPLES, padding_side=padding_side, seed=1)
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        out = _logits(model, inputs)
+        assert _selection_lists(model) == ref_sel
+    finally:
+        remove_pio(model)
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_budgets_count_per_image():
+    model = _model()
+    inputs = make_inputs(SAMPLES)  # images of 6, 6 and 1 tokens
+    apply_pio(model, PioConfig(layers=[1, 2], keep=[0.5, 2]))
+    try:
+        _logits(model, inputs)
+        first, second = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    assert [len(r) for r in first] == [3, 3 + 1]  # round-half-up of half, at least 1
+    assert [len(r) for r in second] == [2, 2 + 1]
+    image = inputs["input_ids"] == IMAGE
+    for b, rows in enumerate(first):
+        assert all(bool(image[b, r]) for r in rows)
+        assert set(second[b]) <= set(rows)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_equals_single_samples(padding_side):
+    model = _model()
+    layers, keep = [1, 3], [0.5, 0.34]
+    samples = SAMPLES + [[7, (2, 4)]]
+    batch = make_inputs(samples, padding_side=padding_side, seed=2)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        out = _logits(model, batch)
+        sel = _selection_lists(model)
+        mask = batch["attention_mask"]
+        for b in range(mask.shape[0]):
+            rows = mask[b].nonzero().flatten()
+            offset = int(rows[0])
+            single = {k: v[b:b + 1, rows] for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                             "mm_token_type_ids")}
+            # this sample's images and pixels
+            images = [sum(isinstance(seg, tuple) for seg in sample) for sample in samples]
+            first, mine = sum(images[:b]), images[b]
+            patches = [int(g.prod()) for g in batch["image_grid_thw"]]
+            start = sum(patches[:first])
+            single["image_grid_thw"] = batch["image_grid_thw"][first:first + mine]
+            single["pixel_values"] = batch["pixel_values"][start:start + sum(patches[first:first + mine])]
+            alone = _logits(model, single)
+            assert _selection_lists(model) == [[[r - offset for r in stage[b]]] for stage in sel]
+            kept_rows = [r for r in range(rows.numel()) if bool(alone[0, r].abs().sum() > 0)]
+            torch.testing.assert_close(out[b, rows[kept_rows]], alone[0, kept_rows], rtol=1e-4, atol=1e-4)
+    finally:
+        remove_pio(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decode_equals_reduced_model_from_scratch(attn):
+    model = _model(attn)
+    layers, keep = [1, 3], [0.5, 0.34]
+    inputs = make_inputs(SAMPLES, padding_side="left", seed=3)
+    seq_len = inputs["input_ids"].shape[1]
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    new = gen.sequences[:, seq_len:]
+    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel)
+    for step, logits in enumerate(gen.logits):
+        for b in range(len(SAMPLES)):
+            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+    # greedy decoding follows the reduced model's own argmax
+    for step in range(new.shape[1]):
+        assert new[:, step].tolist() == [int(ref[b][seq_len - 1 + step].argmax()) for b in range(len(SAMPLES))]
+
+
+def test_text_only_prompt_is_untouched():
+    model = _model()
+    inputs = make_inputs([[9], [5]], padding_side="left")
+    stock = _logits(model, inputs)
+    stock_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    apply_pio(model, PioConfig(layers=[1], keep=[0.3]))
+    try:
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        assert last_selection(model) == []
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), stock_gen)
+    finally:
+        remove_pio(model)
+
+
+def test_video_frames_are_selected_per_frame():
+    model = _model()
+    samples = [[2, (2, 4, 4), 3, (4, 4), 5]]  # a 2-frame video (4 tokens a frame) and an image
+    inputs = make_inputs(samples, seed=4)
+    layers, keep = [2], [0.5]
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        out = _logits(model, inputs)
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    assert sel == ref_sel and len(sel[0][0]) == 2 + 2 + 2
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_within_twice_torch_error():
+    """Flash-attention rule: the bf16 integration is no further from fp32 than PyTorch's bf16 is."""
+    model = make_model(dtype=torch.bfloat16)
+    model32 = copy.deepcopy(model).float()
+    layers, keep = [1, 3], [0.5, 0.34]
+    inputs = make_inputs(SAMPLES, seed=5, dtype=torch.bfloat16)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    out = _logits(model, inputs)
+    sel = _selection_lists(model)
+    remove_pio(model)
+    ref32, _ = reference_reduced(model32, {**inputs, "pixel_values": inputs["pixel_values"].float()}, layers,
+                                 keep, selection=sel)
+    ref16, _ = reference_reduced(model, inputs, layers, keep, selection=sel)
+    for b, rows in enumerate(ref32):
+        for r, expected in rows.items():
+            ours = (out[b, r].float() - expected).abs().max()
+            torch_err = (ref16[b][r].float() - expected).abs().max()
+            assert ours <= 2 * torch_err + 1e-2, (b, r, float(ours), float(torch_err))
