@@ -1,0 +1,242 @@
+"""LLaVA-1.5 / LLaVA-NeXT integration on tiny random-weight models (SPEC sections 1-5).
+
+The oracle of the reduced model is ``reduced_reference``: a from-scratch forward over the
+stock modules, layer by layer, that drops at each stage the visual rows ``last_selection``
+says were dropped and renumbers positions contiguously (SPEC 5). Every cached decoding
+step of the integration must match it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio
+
+IMAGE = 99
+VOCAB = 100
+
+
+def _llava(layers: int = 4, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=7)  # 4 x 4 = 16 patches
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval().to(dtype)
+    return model
+
+
+def _prompt(text_before: list[int], images: int, text_after: list[int], between: list[int] = (7, 8)) -> list[int]:
+    ids = list(text_before)
+    for i in range(images):
+        if i:
+            ids += list(between)
+        ids += [IMAGE] * 16
+    return ids + list(text_after)
+
+
+def _pixels(n: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 28, 28, generator=g).to(dtype)
+
+
+def _causal(n: int, dtype) -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Tensor, layers: list[int],
+                      kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (S_last, V) of one unpadded sample through the reduced model, computed from scratch.
+
+    ``ids``: the prompt (``n_prompt`` tokens) followed by generated tokens. ``kept[s]`` (k,)
+    holds the caller positions of the visual tokens present after stage ``s``; every other
+    row (text of the prompt, generated tokens) is always present.
+    Returns the logits of the rows present after the last stage, in order, and those rows.
+    """
+    mm, lm = model.model, model.model.language_model
+    embeds = lm.embed_tokens(ids[None])
+    feats = torch.cat(list(mm.get_image_features(pixel_values=pixels).pooler_output)).to(embeds.dtype)
+    is_image = (ids == IMAGE) & (torch.arange(ids.numel()) < n_prompt)
+    embeds = embeds.masked_scatter(is_image[None, :, None], feats)
+    rows = torch.arange(ids.numel())
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        if i in layers:
+            present = set(kept[layers.index(i)].tolist())
+            sel = torch.tensor([j for j, r in enumerate(rows.tolist()) if not is_image[r] or r in present])
+            rows, hidden = rows[sel], hidden[:, sel]
+        pos = torch.arange(rows.numel())[None]
+        hidden = layer(hidden, attention_mask=_causal(rows.numel(), hidden.dtype),
+                       position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos)
+    return model.lm_head(lm.norm(hidden))[0], rows
+
+
+def _generate(model, ids, pixels, steps, mask=None):
+    extra = {} if pixels is None else {"pixel_values": pixels}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, **extra,
+                         do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)  # (B, S + steps), (B, steps, V)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_full_budget_reproduces_stock_logits_and_remove_restores():
+    model = _llava()
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    with torch.no_grad():
+        stock = model(input_ids=ids, pixel_values=px).logits
+        apply_pio(model, PioConfig(layers=[2], keep=[16]))
+        full = model(input_ids=ids, pixel_values=px).logits
+        sel = last_selection(model)
+        apply_pio_again = pytest.raises(ValueError)
+        with apply_pio_again:
+            apply_pio(model, PioConfig(layers=[2], keep=[16]))
+        remove_pio(model)
+        apply_pio(model, PioConfig(layers=[2], keep=[4]))
+        reduced = model(input_ids=ids, pixel_values=px).logits
+        remove_pio(model)
+        back = model(input_ids=ids, pixel_values=px).logits
+    assert torch.equal(full, stock)
+    assert len(sel) == 1 and sel[0].tolist() == [list(range(3, 19)) + list(range(21, 37))]
+    assert not torch.allclose(reduced[:, -1], stock[:, -1])  # selection changes the model
+    assert torch.equal(back, stock)
+    assert not hasattr(model, "_pio")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("stages", [([2], [5]), ([1, 3, 5], [12, 0.5, 2])], ids=["one", "three"])
+def test_cached_decoding_equals_reduced_model_from_scratch(attn, stages):
+    layers, keep = stages
+    model = _llava(layers=6, attn=attn)
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    seq, logits = _generate(model, ids, px, steps=4)
+    kept = last_selection(model)
+    counts = [k.shape[1] for k in kept]
+    assert counts == ([10] if len(layers) == 1 else [24, 12, 4])
+    for a, b in zip(kept, kept[1:]):
+        assert set(b.tolist()[0]) <= set(a.tolist()[0])
+    ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, layers, [k[0] for k in kept])
+    prompt_rows = (rows < ids.shape[1]).sum()
+    # logits of the last prompt row and of every decoded token, against the same rows from scratch
+    torch.testing.assert_close(logits[0], ref[prompt_rows - 1:], rtol=1e-4, atol=1e-4)
+
+
+def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        mask[b, sl] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sample_alone(side):
+    model = _llava(layers=4)
+    rows = [_prompt([1, 2], 1, [4, 5, 6, 7, 8]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
+    pixels = [_pixels(1, seed=3), _pixels(2, seed=4)]
+    ids, mask = _pad(rows, side)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[6, 0.5]))
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      pixel_values=torch.cat(pixels)).logits
+        sel_batch = last_selection(model)
+        for b, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([r]), pixel_values=pixels[b]).logits[0]
+            sel_alone = last_selection(model)
+            offset = ids.shape[1] - len(r) if side == "left" else 0
+            torch.testing.assert_close(batch[b, offset:offset + len(r)], alone, rtol=1e-5, atol=1e-5)
+            for s_b, s_a in zip(sel_batch, sel_alone):
+                got = s_b[b][s_b[b] >= 0] - offset
+                assert got.tolist() == s_a[0].tolist()
+    assert [s.shape[1] for s in sel_batch] == [12, 6]
+    assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
+
+
+def test_left_padded_generate_equals_each_sample_alone():
+    model = _llava(layers=4)
+    rows = [_prompt([1, 2], 1, [4, 5, 6]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
+    pixels = [_pixels(1, seed=3), _pixels(2, seed=4)]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[3]))
+    seq, logits = _generate(model, ids, torch.cat(pixels), steps=3, mask=mask)
+    for b, r in enumerate(rows):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), pixels[b], steps=3)
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_error_within_twice_pytorch_bf16_error():
+    model32 = _llava(layers=4)
+    model16 = _llava(layers=4, dtype=torch.bfloat16)
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    apply_pio(model16, PioConfig(layers=[1, 3], keep=[8, 3]))
+    seq, logits = _generate(model16, ids, px.bfloat16(), steps=3)
+    kept = [k[0] for k in last_selection(model16)]
+    remove_pio(model16)
+    ref32, rows = reduced_reference(model32, seq[0, :-1], ids.shape[1], px, [1, 3], kept)
+    ref16, _ = reduced_reference(model16, seq[0, :-1], ids.shape[1], px.bfloat16(), [1, 3], kept)
+    n = logits.shape[1]
+    err_pio = (logits[0].float() - ref32[-n:]).abs().max()
+    err_torch = (ref16[-n:].float() - ref32[-n:]).abs().max()
+    assert err_torch > 0  # the comparison would be vacuous otherwise
+    assert err_pio <= 2 * err_torch + 1e-6, (err_pio, err_torch)
+
+
+def test_text_only_prompt_is_untouched():
+    model = _llava(layers=4)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        apply_pio(model, PioConfig(layers=[1], keep=[2]))
+        out = model(input_ids=ids).logits
+    seq, _ = _generate(model, ids, None, steps=2)
+    remove_pio(model)
+    seq_stock, _ = _generate(model, ids, None, steps=2)
+    assert torch.equal(out, stock)
+    assert torch.equal(seq, seq_stock)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layers=[], keep=[]), dict(layers=[0], keep=[4]), dict(layers=[3, 2], keep=[4, 2]),
+    dict(layers=[2, 2], keep=[4, 2]), dict(layers=[2], keep=[4, 2]), dict(layers=[2], keep=[0]),
+    dict(layers=[2], keep=[1.5]), dict(layers=[2], keep=[0.0]), dict(layers=[1, 2], keep=[2, 4]),
+    dict(layers=[2], keep=["4"]), dict(layers=[2.0], keep=[4]), dict(layers=[2], keep=[4], tau=float("nan")),
+    dict(layers=[2], keep=[4], num_positions=0), dict(layers=[2], keep=[4], encoder_keep=0),
+    dict(layers=[2], keep=[8], encoder_keep=4), dict(layers=[2], keep=[True]),
+])
+def test_bad_configs_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        PioConfig(**kwargs)
+
+
+def test_schedule_past_the_last_layer_and_unsupported_models():
+    model = _llava(layers=4)
+    with pytest.raises(ValueError, match="layers"):
+        apply_pio(model, PioConfig(layers=[4], keep=[2]))
+    assert not hasattr(model, "_pio")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=50))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        apply_pio(llama, PioConfig(layers=[1], keep=[2]))
+    with pytest.raises(TypeError, match="PioConfig"):
+        apply_pio(model, {"layers": [1], "keep": [2]})
