@@ -25,7 +25,7 @@ from torch import nn
 
 from .engine import Adapter, register_adapter
 
-__all__ = ["Qwen2_5_VLAdapter", "VisionSelection", "merge_into_kept", "vision_column_scores", "window_global_selection"]
+__all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "merge_into_kept", "vision_column_scores", "window_global_selection"]
 
 # Attention probabilities held at once by vision_column_scores, in elements (fp32: 64 MiB).
 _SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -156,111 +156,86 @@ def merge_into_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (total / count[:, None]).to(features.dtype)
 
 
-def _frames(grid_thw: torch.Tensor, merge: int) -> list[tuple[int, int]]:
-    """(h, w) of the merged grid of every frame, items in order (an image is one frame)."""
-    out = []
-    for t, h, w in grid_thw.tolist():
-        out += [(h // merge, w // merge)] * t
-    return out
+def _window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The tower's permutation of merged rows into window order (the stock helper computes it)."""
+    from transformers.vision_utils import get_vision_window_index
+    index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                       window_size=visual.window_size, patch_size=visual.patch_size)
+    return index
 
 
-class VisionSelection:
-    """Encoder-side selection on a ``Qwen2_5_VisionTransformerPretrainedModel`` (SPEC section 4).
+def default_score_blocks(visual: nn.Module) -> tuple[int, int]:
+    """(local, global) blocks read by the encoder-side selection: as the released code, the first
+    full-attention block and the last block (blocks 7 and 31 of the 7B tower)."""
+    full = list(getattr(visual, "fullatt_block_indexes", None) or [])
+    depth = len(visual.blocks)
+    return (full[0] if full else depth // 2), depth - 1
 
-    Hooks (installed by :meth:`attach`, removed by :meth:`detach`):
-    * a pre-hook on block ``local_block`` and one on ``global_block`` record the column means
-      of that block's attention (:func:`vision_column_scores`);
-    * a forward hook on the tower turns its merged output (one row per 2x2 patch group, in
-      ``input_ids`` order) into the merged features of the kept tokens: per image (or video
-      frame) ``window_global_selection`` on the merged grid, then :func:`merge_into_kept`.
 
-    The tower's output keeps its length (the stock model checks it against the pad tokens):
-    kept rows hold their merged features, dropped rows are left as they are, and
-    ``calls`` records, per tower call, ``(grid_thw, keep)`` with ``keep`` a (rows,) bool mask.
-    Dropping the rows from the sequence is the language side's job.
+def encoder_selection(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, budget,
+                      *, window: int = 4, blocks: tuple[int, int] | None = None):
+    """Runs the vision tower once and selects, per image or video frame, the tokens that reach the LLM.
 
-    ``budget(n)`` gives the tokens kept out of an image's (frame's) ``n``.
+    SPEC section 4, Qwen2.5-VL. While the tower runs, pre-hooks on the two score blocks
+    compute the column means of their attention (:func:`vision_column_scores`, blockwise, no
+    ``N x N`` map); per patch scores are averaged over each 2x2 merge group and put back into
+    the merged order the tower outputs. Then, per frame (an image is one frame):
+    :func:`window_global_selection` on the frame's merged grid with ``budget(n)`` tokens, and
+    :func:`merge_into_kept` on the tower's merged output.
+
+    Args:
+        visual: ``Qwen2_5_VisionTransformerPretrainedModel``.
+        pixel_values: what the model hands its tower (patches, C * T * P * P).
+        grid_thw: (items, 3) int64 patch grids.
+        budget: ``budget(n) -> int``, tokens kept out of a frame's ``n``.
+        window: side, in merged tokens, of the local windows (4 in the released code).
+        blocks: (local, global) block indices; default :func:`default_score_blocks`.
+
+    Returns:
+        ``(frames, kept)``: per frame, the (k, D) merged features (``visual``'s dtype) and the
+        (k,) int64 kept indices into that frame's merged tokens, ascending; frames in the
+        order the tower outputs them (item by item, time-major).
     """
+    local_block, global_block = default_score_blocks(visual) if blocks is None else blocks
+    depth = len(visual.blocks)
+    for name, idx in (("local block", local_block), ("global block", global_block)):
+        if not 0 <= idx < depth:
+            raise ValueError(f"{name} must be in [0, {depth}), got {idx}")
+    scores: dict[int, torch.Tensor] = {}
 
-    def __init__(self, visual: nn.Module, budget, local_block: int | None = None, global_block: int | None = None,
-                 window: int = 4):
-        self.visual = visual
-        self.budget = budget
-        cfg = visual.config
-        full = list(getattr(cfg, "fullatt_block_indexes", []) or [])
-        depth = len(visual.blocks)
-        # The released code reads the first full-attention block and the last block.
-        self.local_block = local_block if local_block is not None else (full[0] if full else depth // 2)
-        self.global_block = depth - 1 if global_block is None else global_block
-        for name, idx in (("local_block", self.local_block), ("global_block", self.global_block)):
-            if not 0 <= idx < depth:
-                raise ValueError(f"{name} must be in [0, {depth}), got {idx}")
-        self.window = window
-        self.merge = int(cfg.spatial_merge_size)
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._scores: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-        self.enabled = True
-
-    def attach(self) -> None:
-        blocks = self.visual.blocks
-        for idx in sorted({self.local_block, self.global_block}):
-            self._handles.append(blocks[idx].register_forward_pre_hook(self._block_hook(idx), with_kwargs=True))
-        self._handles.append(self.visual.register_forward_hook(self._tower_hook, with_kwargs=True))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.calls.clear()
-        self._scores.clear()
-
-    def _block_hook(self, idx: int):
+    def score_hook(idx):
         def hook(block, args, kwargs):
-            if not self.enabled:
-                return None
             hidden = args[0] if args else kwargs["hidden_states"]
             cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-            pe = kwargs.get("position_embeddings")
-            with torch.no_grad():
-                self._scores[idx] = vision_column_scores(block.attn, block.norm1(hidden), cu, pe)
-            return None
+            pe = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
+            scores[idx] = vision_column_scores(block.attn, block.norm1(hidden), cu, pe)
         return hook
 
-    def _window_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The tower's permutation of merged rows into window order (the stock helper)."""
-        from transformers.vision_utils import get_vision_window_index
-        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=self.merge,
-                                           window_size=self.visual.window_size,
-                                           patch_size=self.visual.patch_size)
-        return index
-
-    def _tower_hook(self, visual, args, kwargs, output):
-        if not self.enabled:
-            return None
-        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-        merged = output.pooler_output if hasattr(output, "pooler_output") else output
-        unit = self.merge ** 2
-        reverse = torch.argsort(self._window_order(grid_thw).to(merged.device))
-        local = self._scores.pop(self.local_block).view(-1, unit).mean(1)[reverse]
-        global_ = self._scores.pop(self.global_block, None)
-        global_ = local if global_ is None else global_.view(-1, unit).mean(1)[reverse]
-        new = merged.clone()
-        keep = torch.zeros(merged.shape[0], dtype=torch.bool, device=merged.device)
-        start = 0
+    handles = [visual.blocks[i].register_forward_pre_hook(score_hook(i), with_kwargs=True)
+               for i in sorted({local_block, global_block})]
+    try:
         with torch.no_grad():
-            for h, w in _frames(grid_thw, self.merge):
-                n = h * w
-                rows = slice(start, start + n)
-                kept = window_global_selection(local[rows], global_[rows], h, w, self.budget(n), self.window)
-                new[start + kept] = merge_into_kept(merged[rows], kept)
-                keep[start + kept] = True
-                start += n
-        self.calls.append((grid_thw, keep))
-        if hasattr(output, "pooler_output"):
-            output.pooler_output = new
-            return output
-        return new
+            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+    finally:
+        for h in handles:
+            h.remove()
+    merged = out.pooler_output if hasattr(out, "pooler_output") else out
+    merge = visual.spatial_merge_size
+    reverse = torch.argsort(_window_order(visual, grid_thw).to(merged.device))
+    local = scores[local_block].view(-1, merge ** 2).mean(1)[reverse]
+    global_ = scores[global_block].view(-1, merge ** 2).mean(1)[reverse]
+    frames, kept = [], []
+    start = 0
+    with torch.no_grad():
+        for t, h, w in grid_thw.tolist():
+            h, w = h // merge, w // merge
+            for _ in range(t):
+                rows = slice(start, start + h * w)
+                keep = window_global_selection(local[rows], global_[rows], h, w, budget(h * w), window)
+                frames.append(merge_into_kept(merged[rows], keep))
+                kept.append(keep)
+                start += h * w
+    return frames, kept
 
 
 # ----------------------------------------------------------------------------------------------

@@ -404,3 +404,68 @@ def test_bf16_within_twice_torch_error():
             ours = (out[b, r].float() - expected).abs().max()
             torch_err = (ref16[b][r].float() - expected).abs().max()
             assert ours <= 2 * torch_err + 1e-2, (b, r, float(ours), float(torch_err))
+
+
+# ---------------------------------------------------------------- encoder side on the real tower
+
+def _reference_tower_scores(model, pixel_values, grid_thw, blocks):
+    """Column means of the attention at ``blocks``, from materialised eager attention weights,
+    in the tower's output order (the permutation recovered by matching merger rows)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
+    visual = model.model.visual
+    current, weights = {}, {b: [] for b in blocks}
+    original = mq.eager_attention_forward
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        out, w = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if current.get("block") in weights:
+            weights[current["block"]].append(w[0].float())  # (H, n, n) of one segment
+        return out, w
+
+    handles = [blk.register_forward_pre_hook(lambda m, a, i=i: current.update(block=i))
+               for i, blk in enumerate(visual.blocks)]
+    impl = visual.config._attn_implementation
+    visual.config._attn_implementation = "eager"
+    mq.eager_attention_forward = recording
+    try:
+        with torch.no_grad():
+            out = visual(pixel_values, grid_thw=grid_thw)
+    finally:
+        mq.eager_attention_forward = original
+        visual.config._attn_implementation = impl
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        window_order = visual.merger(out.last_hidden_state)
+    pooled = out.pooler_output
+    perm = torch.tensor([int((window_order == row).all(1).nonzero()[0]) for row in pooled])
+    result = []
+    for b in blocks:
+        col = torch.cat([w.mean(0).mean(0) for w in weights[b]])  # heads, then queries
+        result.append(col.view(-1, 4).mean(1)[perm])
+    return result, pooled
+
+
+@pytest.mark.parametrize("keep", [0.34, 3])
+def test_encoder_selection_matches_materialised_attention(keep):
+    from pio_kernels.integrations.engine import resolve_budget
+    model = _model()
+    inputs = make_inputs([[2, (8, 8), 1, (4, 6), 1, (2, 2), 3, (2, 4, 4)]], seed=6)
+    pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
+    grid = torch.cat([inputs["image_grid_thw"], inputs["video_grid_thw"]])
+    visual = model.model.visual
+    blocks = qwen.default_score_blocks(visual)
+    assert blocks == (1, 3)
+    budget = lambda n: resolve_budget(keep, n)  # noqa: E731
+    frames, kept = qwen.encoder_selection(visual, pixels, grid, budget)
+    (local, global_), pooled = _reference_tower_scores(model, pixels, grid, blocks)
+    sizes = [(4, 4), (2, 3), (1, 1), (2, 2), (2, 2)]  # merged grids; the video has two frames
+    assert len(frames) == len(kept) == len(sizes)
+    start = 0
+    for (h, w), feats, k in zip(sizes, frames, kept):
+        rows = slice(start, start + h * w)
+        expected = qwen.window_global_selection(local[rows], global_[rows], h, w, budget(h * w))
+        assert k.tolist() == expected.tolist() and k.numel() == min(h * w, budget(h * w))
+        torch.testing.assert_close(feats, qwen.merge_into_kept(pooled[rows], k))
+        start += h * w
+    assert start == pooled.shape[0]
