@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -356,11 +357,13 @@ def _cache_length(cache, layer_idx: int = 0) -> int:
 
 def _mm_pre_hook(state: PioState) -> Callable:
     def hook(module, args, kwargs):
-        if args:
-            raise TypeError(f"pio: call {type(module).__name__} with keyword arguments")
+        if args:  # e.g. LlavaNext passes input_ids positionally: name every argument
+            kwargs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop("kwargs", {}))
+            args = ()
         if _cache_length(kwargs.get("past_key_values")) > 0:
             state.call = None  # a decoding step
-            return None
+            return args, kwargs
         state.call = dict(kwargs)
         state.prefill = None
         state.encoder_features = None

@@ -53,7 +53,7 @@ def _causal(n: int, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Tensor, layers: list[int],
-                      kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                      kept: list[torch.Tensor], **image_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (S_last, V) of one unpadded sample through the reduced model, computed from scratch.
 
     ``ids``: the prompt (``n_prompt`` tokens) followed by generated tokens. ``kept[s]`` (k,)
@@ -63,7 +63,8 @@ def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Ten
     """
     mm, lm = model.model, model.model.language_model
     embeds = lm.embed_tokens(ids[None])
-    feats = torch.cat(list(mm.get_image_features(pixel_values=pixels).pooler_output)).to(embeds.dtype)
+    feats = mm.get_image_features(pixel_values=pixels, **image_kwargs).pooler_output
+    feats = torch.cat(list(feats)).to(embeds.dtype)
     is_image = (ids == IMAGE) & (torch.arange(ids.numel()) < n_prompt)
     embeds = embeds.masked_scatter(is_image[None, :, None], feats)
     rows = torch.arange(ids.numel())
@@ -79,8 +80,9 @@ def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Ten
     return model.lm_head(lm.norm(hidden))[0], rows
 
 
-def _generate(model, ids, pixels, steps, mask=None):
-    extra = {} if pixels is None else {"pixel_values": pixels}
+def _generate(model, ids, pixels, steps, mask=None, **extra):
+    if pixels is not None:
+        extra["pixel_values"] = pixels
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, **extra,
                          do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
                          return_dict_in_generate=True)
@@ -240,3 +242,73 @@ def test_schedule_past_the_last_layer_and_unsupported_models():
         apply_pio(llama, PioConfig(layers=[1], keep=[2]))
     with pytest.raises(TypeError, match="PioConfig"):
         apply_pio(model, {"layers": [1], "keep": [2]})
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaVA-NeXT: anyres crops, unpadding and newline tokens give every image its own token count
+def _llava_next(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=7)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default")
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+NEXT_SIZES = torch.tensor([[28, 56], [50, 30], [56, 56]])  # 52, 56 and 88 tokens
+
+
+def _next_inputs(model, images: list[int], seed: int = 5):
+    """Pixel values (n, 5, 3, 28, 28), image sizes and per-image token counts for NEXT_SIZES[images]."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(images), 5, 3, 28, 28, generator=g)
+    sizes = NEXT_SIZES[images]
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output]
+    return pixels, sizes, counts
+
+
+def _next_prompt(counts: list[int], before=(1, 2), after=(4, 5, 6, 7)) -> list[int]:
+    ids = list(before)
+    for i, n in enumerate(counts):
+        ids += ([7, 8] if i else []) + [IMAGE] * n
+    return ids + list(after)
+
+
+def test_llava_next_varying_counts_fraction_budgets_and_padded_batch():
+    model = _llava_next()
+    px0, sz0, c0 = _next_inputs(model, [0])
+    px1, sz1, c1 = _next_inputs(model, [1, 2], seed=6)
+    assert c0 + c1 == [52, 56, 88]
+    rows = [_next_prompt(c0), _next_prompt(c1, before=(1, 2, 3))]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[0.25]))
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      pixel_values=torch.cat([px0, px1]), image_sizes=torch.cat([sz0, sz1])).logits
+        sel = last_selection(model)[0]
+        assert ((sel >= 0).sum(1)).tolist() == [13, 14 + 22]
+        for b, (r, px, sz) in enumerate(zip(rows, (px0, px1), (sz0, sz1))):
+            alone = model(input_ids=torch.tensor([r]), pixel_values=px, image_sizes=sz).logits[0]
+            offset = ids.shape[1] - len(r)
+            torch.testing.assert_close(batch[b, offset:], alone, rtol=1e-5, atol=1e-5)
+            assert (sel[b][sel[b] >= 0] - offset).tolist() == last_selection(model)[0][0].tolist()
+
+
+def test_llava_next_cached_decoding_equals_reduced_model_from_scratch():
+    model = _llava_next(layers=4)
+    px, sz, counts = _next_inputs(model, [1, 2])
+    ids = torch.tensor([_next_prompt(counts)])
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[30, 0.5]))
+    seq, logits = _generate(model, ids, px, steps=3, image_sizes=sz)
+    kept = last_selection(model)
+    assert [k.shape[1] for k in kept] == [60, 30]
+    ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, [1, 3], [k[0] for k in kept],
+                                  image_sizes=sz)
+    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
