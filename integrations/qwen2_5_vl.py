@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Adapter, register_adapter
+from .engine import Adapter, register_adapter, resolve_budget
 
 __all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "merge_into_kept", "vision_column_scores", "window_global_selection"]
 
@@ -277,33 +277,41 @@ class Qwen2_5_VLAdapter(Adapter):
         return model.lm_head  # the real head (the released code used the tied input embeddings)
 
     def image_map(self, model, call: dict, lm_kwargs: dict, seq_len: int) -> torch.Tensor | None:
-        """One id per image and per video frame, in sequence order; -1 for text and padding."""
+        """One id per image and per video frame, in sequence order; -1 for text and padding.
+
+        Images come first (ids ``0 .. images - 1``, the order of ``image_grid_thw`` and of the
+        encoder-side lists), then video frames. Sizes come from the counts the engine recorded,
+        else from the grids; when neither matches the placeholders (after encoder-side
+        selection) every contiguous run of image pad tokens is one image.
+        """
         input_ids = call.get("input_ids")
         if input_ids is None:
             return None
         cfg = model.config
         merge = cfg.vision_config.spatial_merge_size
         out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        flat = out.view(-1)
         next_id = 0
-        for token, grid_key, counts_key in ((cfg.image_token_id, "image_grid_thw", "_image_frame_counts"),
-                                            (cfg.video_token_id, "video_grid_thw", "_video_frame_counts")):
-            rows = input_ids == token
+        for token, grid_key, counts_key in ((cfg.image_token_id, "image_grid_thw", "_image_token_counts"),
+                                            (cfg.video_token_id, "video_grid_thw", None)):
+            rows = (input_ids == token).flatten()
             total = int(rows.sum())
             if total == 0:
                 continue
-            counts = call.get(counts_key)
-            if counts is None and call.get(grid_key) is not None:
-                counts = [h * w // merge ** 2 for t, h, w in call[grid_key].tolist() for _ in range(t)]
-            if counts is not None and sum(counts) == total:
+            candidates = [call.get(counts_key) if counts_key else None]
+            if call.get(grid_key) is not None:
+                per = [h * w // merge ** 2 for t, h, w in call[grid_key].tolist() for _ in range(t)]
+                candidates.append(per)
+            counts = next((c for c in candidates if c is not None and sum(c) == total), None)
+            if counts is not None:
                 ids = torch.repeat_interleave(torch.arange(len(counts), device=out.device),
-                                              torch.tensor(counts, device=out.device)) + next_id
-                next_id += len(counts)
-            else:  # unknown sizes: every contiguous run of pad tokens is one image
-                starts = rows & ~F.pad(rows[:, :-1], (1, 0), value=False)
-                ids = starts.flatten().long().cumsum(0)[rows.flatten()] - 1 + next_id
-                next_id = int(ids.max()) + 1
-            flat = out.view(-1)
-            flat[rows.flatten()] = ids
+                                              torch.tensor(counts, device=out.device))
+            else:  # every contiguous run of pad tokens is one image
+                run = input_ids == token
+                starts = (run & ~F.pad(run[:, :-1], (1, 0), value=False)).flatten()
+                ids = starts.long().cumsum(0)[rows] - 1
+            flat[rows] = ids + next_id
+            next_id += int(ids.max()) + 1
         return out
 
     def prompt_positions(self, model, lm_kwargs: dict, batch: int, seq_len: int, device) -> torch.Tensor:
@@ -320,6 +328,70 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def decode_positions(self, positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         return positions  # the model's rope deltas already give the right positions
+
+    # encoder-side selection (SPEC section 4) -------------------------------------------------
+    pixel_keys = ("pixel_values",)
+    image_feature_keys = ("pixel_values", "image_grid_thw")
+
+    def image_feature_function(self, model):
+        return model.model, "get_image_features"
+
+    def supports_encoder_selection(self, model) -> bool:
+        return True
+
+    def reduce_encoder_features(self, model, call: dict, budget, tau: float):
+        """Window + global selection with merging per image (videos pass whole).
+
+        Returns what ``get_image_features`` returns (``pooler_output``: one (k_i, D) tensor
+        per image), the kept indices per image and the tokens per image before selection.
+        """
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        grid = call["image_grid_thw"]
+        visual = model.model.visual
+        frames, kept = encoder_selection(visual, call["pixel_values"], grid,
+                                         lambda n: resolve_budget(budget, n))
+        merge = visual.spatial_merge_size
+        features, kept_per_image, counts = [], [], []
+        i = 0
+        for t, h, w in grid.tolist():  # an image is one frame; join the frames of a t > 1 item
+            per_frame = h * w // merge ** 2
+            features.append(torch.cat(frames[i:i + t]))
+            kept_per_image.append(torch.cat([k + j * per_frame for j, k in enumerate(kept[i:i + t])]))
+            counts.append(t * per_frame)
+            i += t
+        return BaseModelOutputWithPooling(pooler_output=tuple(features)), kept_per_image, counts
+
+    def encoder_positions(self, model, call: dict, src: torch.Tensor, dropped_before: torch.Tensor,
+                          valid: torch.Tensor) -> torch.Tensor:
+        """The 3-D positions of the rows left after encoder-side selection, gathered (SPEC 5).
+
+        Without caller positions they are computed as the stock model would (``get_rope_index``,
+        which also records the model's ``rope_deltas`` for decoding) on the unreduced call.
+        """
+        positions = call.get("position_ids")
+        if positions is None:
+            positions = self._prompt_positions(model, call)
+        positions = _three_rows(positions, src.shape[0], 0, src.shape[1], src.device)
+        return self.positions_after_stage(positions, src, dropped_before, valid)
+
+    @staticmethod
+    def _prompt_positions(model, call: dict) -> torch.Tensor:
+        input_ids = call["input_ids"]
+        inner = model.model
+        if call.get("mm_token_type_ids") is None or (call.get("image_grid_thw") is None
+                                                     and call.get("video_grid_thw") is None):
+            return None  # the stock model falls back to 1-D positions too
+        positions, deltas = inner.get_rope_index(
+            input_ids, mm_token_type_ids=call["mm_token_type_ids"], image_grid_thw=call.get("image_grid_thw"),
+            video_grid_thw=call.get("video_grid_thw"), second_per_grid_ts=call.get("second_per_grid_ts"),
+            attention_mask=call.get("attention_mask"))
+        inner.rope_deltas = deltas
+        return positions
+
+    def shrink_call(self, model, call: dict, keep_rows: torch.Tensor) -> dict:
+        types = call.get("mm_token_type_ids")
+        return {} if types is None else {"mm_token_type_ids": types.gather(1, keep_rows)}
 
     def layer_position_ids(self, positions: torch.Tensor) -> None:
         # Layers use position_ids only to detect packed sequences (flash attention); gathered

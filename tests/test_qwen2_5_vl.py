@@ -154,7 +154,8 @@ def _causal(n, dtype):
     return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
 
 
-def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection=None, tau=0.8, k=4):
+def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection=None, tau=0.8, k=4,
+                      encoder_keep=None):
     """Logits of the reduced model computed from scratch, one unpadded sample at a time, no cache.
 
     Uses the stock modules only and ``pio_kernels.reference`` for the selection (when
@@ -167,6 +168,10 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     lm = model.model.language_model
     embeds, pos, mask, deltas = _lm_inputs(model, inputs)
     vis = _visual_ids(model, inputs)
+    encoded = None
+    if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
+        encoded = qwen.encoder_selection(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"],
+                                         lambda n: resolve_budget(encoder_keep, n))
     batch, seq_len = mask.shape
     out_logits, out_sel = [], [[] for _ in layers]
     for b in range(batch):
@@ -184,7 +189,17 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
             caller = torch.cat([caller, seq_len + torch.arange(t)])
             ids = torch.cat([ids, torch.full((t,), -1)])
         cur = torch.arange(x.shape[0])  # rows of this sample still present
-        h = x[None]
+        if encoded is not None:
+            x = x.clone()
+            present = torch.ones(x.shape[0], dtype=torch.bool)
+            for image in ids.unique().tolist():
+                if 0 <= image < len(encoded[0]):
+                    r = (ids == image).nonzero().flatten()
+                    x[r[encoded[1][image]]] = encoded[0][image].to(x.dtype)
+                    present[r] = False
+                    present[r[encoded[1][image]]] = True
+            cur = cur[present]
+        h = x[cur][None]
         with torch.no_grad():
             for li, layer in enumerate(lm.layers):
                 if li in layers:
@@ -469,3 +484,67 @@ def test_encoder_selection_matches_materialised_attention(keep):
         torch.testing.assert_close(feats, qwen.merge_into_kept(pooled[rows], k))
         start += h * w
     assert start == pooled.shape[0]
+
+
+# ---------------------------------------------------------------- the integration with encoder-side selection
+
+@pytest.mark.parametrize("encoder_keep", [1.0, 1000])
+def test_full_encoder_budget_reproduces_stock_logits(encoder_keep):
+    model = _model()
+    inputs = make_inputs(SAMPLES, seed=7)
+    stock = _logits(model, inputs)
+    apply_pio(model, PioConfig(layers=[2], keep=[1.0], encoder_keep=encoder_keep))
+    try:
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        assert last_selection(model, encoder=True).shape == (2, 7)
+    finally:
+        remove_pio(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("encoder_keep,keep", [(0.5, [0.5, 0.34]), (3, [2, 1])])
+def test_encoder_selection_matches_reduced_model_from_scratch(attn, padding_side, encoder_keep, keep):
+    model = _model(attn)
+    samples = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6, (2, 4, 4), 2]]  # images of 6, 6, 1 tokens; a video
+    inputs = make_inputs(samples, padding_side=padding_side, seed=8)
+    layers = [1, 3]
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep, encoder_keep=encoder_keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        out = _logits(model, inputs)
+        sel = _selection_lists(model)
+        enc = [[int(v) for v in row if v >= 0] for row in last_selection(model, encoder=True)]
+    finally:
+        remove_pio(model)
+    assert sel == ref_sel
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+    # per image resolve_budget(encoder_keep, n) tokens leave the encoder; video frames pass whole
+    image = inputs["input_ids"] == IMAGE
+    n_kept_images = [sum(bool(image[b, r]) for r in rows) for b, rows in enumerate(enc)]
+    from pio_kernels.integrations.engine import resolve_budget
+    expected = [resolve_budget(encoder_keep, 6), resolve_budget(encoder_keep, 6) + 1]
+    assert n_kept_images == expected
+    assert len(enc[1]) - n_kept_images[1] == 8  # the video's two frames of 4 tokens
+    assert all(set(stage[b]) <= set(enc[b]) for stage in sel for b in range(2))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_encoder_selection_cached_decode_equals_from_scratch(attn):
+    model = _model(attn)
+    layers, keep, encoder_keep = [2], [0.5], 0.5
+    inputs = make_inputs(SAMPLES, padding_side="left", seed=9)
+    seq_len = inputs["input_ids"].shape[1]
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    new = gen.sequences[:, seq_len:]
+    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel,
+                               encoder_keep=encoder_keep)
+    for step, logits in enumerate(gen.logits):
+        for b in range(len(SAMPLES)):
+            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
