@@ -167,8 +167,28 @@ class Adapter:
     def on_image_features(self, model, call: dict, output: Any) -> None:
         return None
 
+    # encoder-side selection --------------------------------------------------------------
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
+    image_feature_keys: tuple[str, ...] = ("pixel_values", "image_sizes", "vision_feature_layer",
+                                           "vision_feature_select_strategy")
+
     def supports_encoder_selection(self, model) -> bool:
         return False
+
+    def features_of(self, output) -> list[torch.Tensor]:
+        """Per-image features in the output of the model's image-feature function."""
+        return list(output.pooler_output)
+
+    def encoder_positions(self, model, call: dict, src: torch.Tensor, dropped_before: torch.Tensor,
+                          valid: torch.Tensor) -> torch.Tensor:
+        """``position_ids`` of the rows left after encoder-side selection (default: the caller's
+        positions, or ``arange``, through ``positions_after_stage``)."""
+        batch, width = src.shape
+        positions = call.get("position_ids")
+        if positions is None:
+            ids = call["input_ids"]
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        return self.positions_after_stage(positions.expand(batch, -1), src, dropped_before, valid)
 
     def reduce_encoder_features(self, model, call: dict, budget: int | float, tau: float):
         raise NotImplementedError(f"{self.name}: encoder-side selection is not implemented")
@@ -293,7 +313,10 @@ class PioState:
         self.step: dict | None = None          # current language-model call
         self.in_probe = False
         self.scatter_pending = False
-        self.encoder_features: list | None = None
+        self.encoder_features: Any = None      # one-shot output for the model's image-feature call
+        self.encoder_kept: list | None = None  # per image, ascending kept indices of the last reduction
+        self.encoder_counts: list | None = None  # per image, tokens before the reduction
+        self.encoder: dict | None = None       # the encoder cut of the last prefill (caller -> LM rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,10 +338,18 @@ def install(model: nn.Module, adapter: Adapter, config) -> PioState:
         owner, name = target
         original = getattr(owner, name)
 
+        signature = inspect.signature(original)
+
         @functools.wraps(original)  # keeps the signature: generate inspects it
         def image_features(*args, **kwargs):
-            if state.encoder_features is not None:
+            if state.encoder_features is not None:  # computed by the prefill's pre-hook
                 out, state.encoder_features = state.encoder_features, None
+                return out
+            if state.config.encoder_keep is not None:
+                named = dict(signature.bind_partial(*args, **kwargs).arguments)
+                named.update(named.pop("kwargs", {}))
+                out, state.encoder_kept, state.encoder_counts = adapter.reduce_encoder_features(
+                    model, named, state.config.encoder_keep, state.config.tau)
                 return out
             out = original(*args, **kwargs)
             if state.call is not None:
@@ -361,14 +392,19 @@ def _mm_pre_hook(state: PioState) -> Callable:
             kwargs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
             kwargs.update(kwargs.pop("kwargs", {}))
             args = ()
-        if _cache_length(kwargs.get("past_key_values")) > 0:
+        past = _cache_length(kwargs.get("past_key_values"))
+        if past > 0:
             state.call = None  # a decoding step
+            if state.encoder is not None:
+                kwargs = _encoder_decode_step(state, kwargs, past)
             return args, kwargs
         state.call = dict(kwargs)
         state.prefill = None
+        state.encoder = None
         state.encoder_features = None
         if state.config.encoder_keep is not None:
-            kwargs = _encoder_stage(state, kwargs)
+            state.call = _encoder_stage(state, kwargs)
+            kwargs = {k: v for k, v in state.call.items() if not k.startswith("_")}
         return args, kwargs
 
     return hook
@@ -638,9 +674,165 @@ def _visual_rows(prefill: _Prefill, cut: _Cut) -> torch.Tensor:
 
 
 def _encoder_stage(state: PioState, kwargs: dict) -> dict:
-    """Encoder-side selection (SPEC 4): filled in by ``reduce_encoder_features`` of the adapter."""
-    return _shrink_for_encoder(state, kwargs)
+    """Encoder-side selection (SPEC 4) in a prefill: reduce the image features, shrink the call.
+
+    The adapter reduces and merges the features per image; this function drops the matching
+    placeholder rows from ``input_ids`` (and the mask, positions, ``inputs_embeds`` and the
+    adapter's own per-row keys), left-padding samples that end up shorter, and records how
+    the language model's rows map back onto the caller's.
+    """
+    model, adapter, config = state.model, state.adapter, state.config
+    input_ids = kwargs.get("input_ids")
+    precomputed = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    has_pixels = any(kwargs.get(k) is not None for k in adapter.pixel_keys)
+    if not has_pixels and precomputed is None:
+        return kwargs
+    if input_ids is None:
+        raise ValueError("encoder_keep needs input_ids to find the image placeholders")
+    if precomputed is not None:  # generate encoded the images through the patched function
+        kept, counts = state.encoder_kept, state.encoder_counts
+        if kept is None or [int(f.shape[0]) for f in adapter.features_of(precomputed)] != [k.numel() for k in kept]:
+            raise ValueError("mm_encoder_outputs were not produced by this pio-enabled model")
+    else:
+        named = {k: v for k, v in kwargs.items() if k in adapter.image_feature_keys}
+        out, kept, counts = adapter.reduce_encoder_features(model, named, config.encoder_keep, config.tau)
+        state.encoder_features = out
+    state.encoder_kept = state.encoder_counts = None
+    call = dict(kwargs, _image_token_counts=counts)
+    image_map = adapter.image_map(model, call, {}, input_ids.shape[1])
+    batch, seq = input_ids.shape
+    device = input_ids.device
+    keep = image_map < 0
+    mask2d = kwargs.get("attention_mask")
+    valid = torch.ones(batch, seq, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool()
+    keep &= valid
+    flat_local = torch.zeros(batch * seq, dtype=torch.long, device=device)
+    flat_map = image_map.flatten()
+    is_img = flat_map >= 0
+    if bool(is_img.any()):
+        # local index of every placeholder inside its image
+        starts = torch.tensor([0] + list(counts[:-1]), device=device).cumsum(0)
+        flat_local[is_img] = torch.arange(int(is_img.sum()), device=device) - starts[flat_map[is_img]]
+        kept_flat = torch.zeros(sum(counts), dtype=torch.bool, device=device)
+        for i, k in enumerate(kept):
+            kept_flat[int(starts[i]) + k.to(device)] = True
+        keep.view(-1)[is_img] = kept_flat[flat_local[is_img] + starts[flat_map[is_img]]]
+    src, new_valid = _compact(keep)
+    dropped = valid & ~keep
+    dropped_before = (dropped.long().cumsum(1) - dropped.long()).gather(1, src)
+    new = dict(kwargs)
+    new["input_ids"] = torch.where(new_valid, input_ids.gather(1, src), torch.zeros_like(src))
+    new["attention_mask"] = new_valid.to(mask2d.dtype if mask2d is not None else torch.long)
+    if mask2d is None and bool(new_valid.all()):
+        new["attention_mask"] = None
+    new["position_ids"] = adapter.encoder_positions(model, kwargs, src, dropped_before, new_valid)
+    if kwargs.get("inputs_embeds") is not None:
+        emb = kwargs["inputs_embeds"]
+        new["inputs_embeds"] = emb.gather(1, src[..., None].expand(-1, -1, emb.shape[-1]))
+    new.update(adapter.shrink_call(model, kwargs, src))
+    caller_index = torch.where(new_valid, src, torch.zeros_like(src))
+    is_visual = new_valid & (image_map.gather(1, src) >= 0)
+    selection = torch.sort(torch.where(is_visual, src, torch.full_like(src, seq)), dim=1).values
+    width = int(is_visual.sum(1).max())
+    selection = selection[:, :width]
+    selection = torch.where(selection == seq, torch.full_like(selection, -1), selection)
+    new["_caller_index"] = caller_index
+    new["_caller_len"] = seq
+    new["_encoder_selection"] = selection
+    state.encoder = {"valid": new_valid, "shift": dropped.sum(1), "caller_len": seq, "lm_len": src.shape[1]}
+    return new
 
 
-def _shrink_for_encoder(state: PioState, kwargs: dict) -> dict:
-    raise NotImplementedError("encoder-side selection is not available yet")
+def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
+    """Maps a decoding step's caller mask and positions onto the encoder-reduced rows."""
+    enc = state.encoder
+    kwargs = dict(kwargs)
+    ref = kwargs.get("input_ids")
+    if ref is None:
+        ref = kwargs["inputs_embeds"]
+    batch, q = ref.shape[:2]
+    caller_past = past - enc["lm_len"] + enc["caller_len"]
+    mask2d = kwargs.get("attention_mask")
+    if mask2d is not None:
+        if mask2d.dim() != 2 or mask2d.shape[1] != caller_past + q:
+            raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
+                             f"got {tuple(mask2d.shape)}")
+        kwargs["attention_mask"] = torch.cat([enc["valid"].to(mask2d.dtype), mask2d[:, enc["caller_len"]:]], dim=1)
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(caller_past, caller_past + q, device=ref.device)[None].expand(batch, q)
+    kwargs["position_ids"] = state.adapter.decode_positions(positions, enc["shift"])
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder-side rules shared by the adapters (SPEC section 4)
+# ----------------------------------------------------------------------------------------------
+def split_local_global(shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[int, int], budget: int,
+                       window: tuple[int, int]) -> torch.Tensor:
+    """Kept token indices of one image (or crop): half local, half global (SPEC 4).
+
+    Args:
+        shallow: (N,) attention map at the shallow layer, N = grid_h * grid_w, row-major.
+        deep: (N,) attention map at the deep layer.
+        grid: (grid_h, grid_w) token grid.
+        budget: tokens kept, 1 <= budget <= N.
+        window: (win_h, win_w) window size; edge windows may be smaller.
+
+    The local half takes the top ``(budget // 2) // n_windows`` tokens of every window by
+    ``shallow``; the rest of the budget goes to the top tokens by ``deep`` among the others.
+    Ties go to the lower index. Returns (budget,) int64, ascending, on the input's device.
+    """
+    grid_h, grid_w = grid
+    n = grid_h * grid_w
+    if shallow.shape != (n,) or deep.shape != (n,):
+        raise ValueError(f"attention maps must be ({n},) for a {grid_h}x{grid_w} grid, "
+                         f"got {tuple(shallow.shape)} and {tuple(deep.shape)}")
+    if not 1 <= budget <= n:
+        raise ValueError(f"budget must lie in [1, {n}], got {budget}")
+    win_h, win_w = window
+    rows = torch.arange(n, device=shallow.device) // grid_w
+    cols = torch.arange(n, device=shallow.device) % grid_w
+    per_row = -(-grid_w // win_w)
+    window_id = (rows // win_h) * per_row + cols // win_w
+    n_windows = int(window_id.max()) + 1
+    per_window = (budget // 2) // n_windows
+    chosen = torch.zeros(n, dtype=torch.bool, device=shallow.device)
+    if per_window:
+        order = torch.sort(shallow.float(), descending=True, stable=True).indices
+        rank = torch.zeros(n, dtype=torch.long, device=shallow.device)
+        # rank of each token inside its window, in shallow-score order
+        seen = torch.zeros(n_windows, dtype=torch.long, device=shallow.device)
+        for i in order.tolist():
+            w = int(window_id[i])
+            rank[i] = seen[w]
+            seen[w] += 1
+        chosen = rank < per_window
+    rest = budget - int(chosen.sum())
+    if rest > 0:
+        deep_rest = torch.where(chosen, torch.full_like(deep.float(), float("-inf")), deep.float())
+        order = torch.sort(deep_rest, descending=True, stable=True).indices
+        chosen[order[:rest]] = True
+    return chosen.nonzero().flatten()
+
+
+def merge_dropped(features: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Kept features after merging (SPEC 4): every dropped token joins its most cosine-similar
+    kept token; a kept token becomes the mean of itself and the tokens merged into it.
+
+    Args: features (N, D) of one image, kept (k,) ascending indices. Returns (k, D) in the
+    dtype of ``features`` (computed in fp32; cosine ties go to the lower kept index).
+    """
+    n = features.shape[0]
+    x = features.float()
+    is_kept = torch.zeros(n, dtype=torch.bool, device=features.device)
+    is_kept[kept] = True
+    dropped = (~is_kept).nonzero().flatten()
+    sums = x[kept].clone()
+    counts = torch.ones(kept.numel(), device=features.device)
+    if dropped.numel():
+        unit = torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
+        target = (unit[dropped] @ unit[kept].T).argmax(dim=1)
+        sums.index_add_(0, target, x[dropped])
+        counts.index_add_(0, target, torch.ones(dropped.numel(), device=features.device))
+    return (sums / counts[:, None]).to(features.dtype)

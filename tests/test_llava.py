@@ -52,32 +52,40 @@ def _causal(n: int, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
+def lm_reference(model, embeds: torch.Tensor, rows: torch.Tensor, is_image: torch.Tensor, layers: list[int],
+                 kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one unpadded sample through the reduced language model, from scratch.
+
+    ``embeds`` (1, S, D) enter layer 0; ``rows`` (S,) are their caller positions and
+    ``is_image`` (S,) marks visual rows. Before layer ``layers[s]`` the visual rows whose
+    caller position is not in ``kept[s]`` are dropped; positions are renumbered 0.. (SPEC 5).
+    Returns the logits of the rows left after the last stage and their caller positions.
+    """
+    lm = model.model.language_model
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        if i in layers:
+            present = set(kept[layers.index(i)].tolist())
+            sel = torch.tensor([j for j, r in enumerate(rows.tolist()) if not is_image[j] or r in present])
+            rows, is_image, hidden = rows[sel], is_image[sel], hidden[:, sel]
+        pos = torch.arange(rows.numel())[None]
+        hidden = layer(hidden, attention_mask=_causal(rows.numel(), hidden.dtype),
+                       position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos)
+    return model.lm_head(lm.norm(hidden))[0], rows
+
+
+@torch.no_grad()
 def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Tensor, layers: list[int],
                       kept: list[torch.Tensor], **image_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (S_last, V) of one unpadded sample through the reduced model, computed from scratch.
-
-    ``ids``: the prompt (``n_prompt`` tokens) followed by generated tokens. ``kept[s]`` (k,)
-    holds the caller positions of the visual tokens present after stage ``s``; every other
-    row (text of the prompt, generated tokens) is always present.
-    Returns the logits of the rows present after the last stage, in order, and those rows.
-    """
+    """``lm_reference`` on the stock embeddings of ``ids``: the prompt (``n_prompt`` tokens,
+    images from ``pixels``) followed by generated tokens, which are never dropped."""
     mm, lm = model.model, model.model.language_model
     embeds = lm.embed_tokens(ids[None])
     feats = mm.get_image_features(pixel_values=pixels, **image_kwargs).pooler_output
     feats = torch.cat(list(feats)).to(embeds.dtype)
     is_image = (ids == IMAGE) & (torch.arange(ids.numel()) < n_prompt)
-    embeds = embeds.masked_scatter(is_image[None, :, None], feats)
-    rows = torch.arange(ids.numel())
-    hidden = embeds
-    for i, layer in enumerate(lm.layers):
-        if i in layers:
-            present = set(kept[layers.index(i)].tolist())
-            sel = torch.tensor([j for j, r in enumerate(rows.tolist()) if not is_image[r] or r in present])
-            rows, hidden = rows[sel], hidden[:, sel]
-        pos = torch.arange(rows.numel())[None]
-        hidden = layer(hidden, attention_mask=_causal(rows.numel(), hidden.dtype),
-                       position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos)
-    return model.lm_head(lm.norm(hidden))[0], rows
+    embeds = embeds.masked_scatter(is_image[:, None], feats)
+    return lm_reference(model, embeds, torch.arange(ids.numel()), is_image, layers, kept)
 
 
 def _generate(model, ids, pixels, steps, mask=None, **extra):
@@ -312,3 +320,151 @@ def test_llava_next_cached_decoding_equals_reduced_model_from_scratch():
     ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, [1, 3], [k[0] for k in kept],
                                   image_sizes=sz)
     torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder-side selection (SPEC 4), LLaVA-1.5: an 8 x 8 patch grid, windows of 2 x 2 (16 windows)
+def _llava_encoder(attn: str = "sdpa"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=9, num_attention_heads=4,
+                              image_size=56, patch_size=7)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def _enc_prompt(images: int, before=(1, 2, 3), after=(4, 5, 6, 7, 8)) -> list[int]:
+    ids = list(before)
+    for i in range(images):
+        ids += ([7, 8] if i else []) + [IMAGE] * 64
+    return ids + list(after)
+
+
+def _enc_pixels(n: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_encoder_selection(model, pixels: torch.Tensor, budget: int) -> list[list[int]]:
+    """Kept patches per image from full eager attention maps (the literal SPEC 4 recipe)."""
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            maps = tower(pixels, output_attentions=True, return_dict=True).attentions
+    finally:
+        tower.config._attn_implementation = impl
+    shallow = maps[5][:, :, 0, 1:].mean(1)          # layer 5
+    deep = maps[len(maps) - 2][:, :, 0, 1:].mean(1)  # the layer producing hidden_states[-2]
+    out = []
+    for i in range(pixels.shape[0]):
+        per_window = (budget // 2) // 16
+        local = []
+        for wy in range(4):
+            for wx in range(4):
+                cells = [(2 * wy + dy) * 8 + 2 * wx + dx for dy in range(2) for dx in range(2)]
+                cells.sort(key=lambda c: (-float(shallow[i, c]), c))
+                local += cells[:per_window]
+        rest = sorted((c for c in range(64) if c not in local), key=lambda c: (-float(deep[i, c]), c))
+        out.append(sorted(local + rest[:budget - len(local)]))
+    return out
+
+
+def _lm_inputs(model) -> list:
+    """Records the inputs_embeds of every language-model call."""
+    seen = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
+    return seen
+
+
+def test_encoder_full_budget_reproduces_stock_logits():
+    model = _llava_encoder()
+    ids, px = torch.tensor([_enc_prompt(2)]), _enc_pixels(2)
+    with torch.no_grad():
+        stock = model(input_ids=ids, pixel_values=px).logits
+        apply_pio(model, PioConfig(layers=[2], keep=[1.0], encoder_keep=64))
+        out = model(input_ids=ids, pixel_values=px).logits
+    assert torch.equal(out, stock)
+    assert last_selection(model, encoder=True)[0].tolist() == list(range(3, 67)) + list(range(69, 133))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_encoder_selection_counts_split_and_merging_means(attn):
+    model = _llava_encoder(attn)
+    ids, px = torch.tensor([_enc_prompt(2)]), _enc_pixels(2)
+    with torch.no_grad():
+        stock_feats = model.model.get_image_features(pixel_values=px).pooler_output
+    expected = _expected_encoder_selection(model, px, 40)
+    apply_pio(model, PioConfig(layers=[2], keep=[10], encoder_keep=40))
+    seen = _lm_inputs(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px).logits
+    enc = last_selection(model, encoder=True)[0]
+    assert out.shape[1] == ids.shape[1]  # logits line up with the caller's rows
+    assert enc.numel() == 80
+    starts = (3, 69)
+    got = [(enc[(enc >= s) & (enc < s + 64)] - s).tolist() for s in starts]
+    assert got == expected
+    lm_in = seen[0][0]
+    assert lm_in.shape[0] == ids.shape[1] - 2 * 24
+    visual_rows = torch.cat([torch.arange(3, 43), torch.arange(45, 85)])  # LM rows of the kept tokens
+    for i, kept in enumerate(got):
+        feats = stock_feats[i].float()
+        unit = torch.nn.functional.normalize(feats, dim=-1)
+        dropped = [c for c in range(64) if c not in kept]
+        target = (unit[dropped] @ unit[kept].T).argmax(1)
+        want = feats[kept].clone()
+        for j, kept_j in enumerate(kept):
+            members = [feats[kept_j]] + [feats[d] for d, t in zip(dropped, target.tolist()) if t == j]
+            want[j] = torch.stack(members).mean(0)
+        torch.testing.assert_close(lm_in[visual_rows[40 * i:40 * (i + 1)]], want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_selection_cached_decoding_equals_reduced_model_from_scratch():
+    model = _llava_encoder()
+    ids, px = torch.tensor([_enc_prompt(2)]), _enc_pixels(2)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[20, 6], encoder_keep=0.5))
+    seen = _lm_inputs(model)
+    seq, logits = _generate(model, ids, px, steps=3)
+    enc = last_selection(model, encoder=True)[0]
+    kept = [k[0] for k in last_selection(model)]
+    assert enc.numel() == 64 and [k.numel() for k in kept] == [40, 12]
+    lm = model.model.language_model
+    prompt_rows = torch.cat([torch.tensor([0, 1, 2]), enc[:32], torch.tensor([67, 68]), enc[32:],
+                             torch.arange(133, 138)])
+    generated = seq[0, ids.shape[1]:-1]
+    with torch.no_grad():
+        embeds = torch.cat([seen[0], lm.embed_tokens(generated[None])], dim=1)
+    rows = torch.cat([prompt_rows, torch.arange(ids.shape[1], ids.shape[1] + generated.numel())])
+    is_image = torch.zeros(rows.numel(), dtype=torch.bool)
+    is_image[3:35] = True
+    is_image[37:69] = True
+    ref, _ = lm_reference(model, embeds, rows, is_image, [1, 3], kept)
+    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_selection_left_padded_batch_equals_each_sample_alone():
+    model = _llava_encoder()
+    rows = [_enc_prompt(1, before=(1, 2)), _enc_prompt(2)]
+    pixels = [_enc_pixels(1, seed=3), _enc_pixels(2, seed=4)]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[8], encoder_keep=24))
+    seq, logits = _generate(model, ids, torch.cat(pixels), steps=3, mask=mask)
+    enc = last_selection(model, encoder=True)
+    for b, r in enumerate(rows):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), pixels[b], steps=3)
+        offset = ids.shape[1] - len(r)
+        assert (enc[b][enc[b] >= 0] - offset).tolist() == last_selection(model, encoder=True)[0].tolist()
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_selection_is_refused_where_unsupported():
+    with pytest.raises(ValueError, match="encoder_keep"):
+        apply_pio(_llava_next(), PioConfig(layers=[2], keep=[8], encoder_keep=24))
