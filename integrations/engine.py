@@ -80,6 +80,13 @@ Optional (defaults fit a Llama-style decoder with 1-D positions):
     ``shrink_call(model, call, keep_rows)``
                                   model-specific kwargs to shrink with the sequence
                                   (e.g. ``mm_token_type_ids``); default: nothing more.
+    ``encoder_step_positions(model, call, caller_past, q, shift)``
+                                  ``position_ids`` of a decoding step after encoder-side
+                                  selection, from the caller's kwargs; default: the caller's
+                                  (or ``arange``) through ``decode_positions``. Qwen2.5-VL adds
+                                  its rope deltas when the caller passes none.
+    Image ids at or past the number of images ``reduce_encoder_features`` returned (e.g.
+    Qwen2.5-VL's video frames) are left whole by the encoder side.
 """
 from __future__ import annotations
 
@@ -189,6 +196,17 @@ class Adapter:
             ids = call["input_ids"]
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
         return self.positions_after_stage(positions.expand(batch, -1), src, dropped_before, valid)
+
+    def encoder_step_positions(self, model, call: dict, caller_past: int, q: int, shift: torch.Tensor):
+        """``position_ids`` of a decoding step after encoder-side selection, from the caller's
+        kwargs (unreduced mask; ``caller_past`` tokens before this step). Default: the caller's
+        positions, or ``arange``, through ``decode_positions``."""
+        positions = call.get("position_ids")
+        if positions is None:
+            ref = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+            batch = ref.shape[0]
+            positions = torch.arange(caller_past, caller_past + q, device=ref.device)[None].expand(batch, q)
+        return self.decode_positions(positions, shift)
 
     def reduce_encoder_features(self, model, call: dict, budget: int | float, tau: float):
         raise NotImplementedError(f"{self.name}: encoder-side selection is not implemented")
@@ -702,13 +720,14 @@ def _encoder_stage(state: PioState, kwargs: dict) -> dict:
     image_map = adapter.image_map(model, call, {}, input_ids.shape[1])
     batch, seq = input_ids.shape
     device = input_ids.device
-    keep = image_map < 0
+    reduced = (image_map >= 0) & (image_map < len(counts))  # ids past them (Qwen video frames) stay whole
+    keep = ~reduced
     mask2d = kwargs.get("attention_mask")
     valid = torch.ones(batch, seq, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool()
     keep &= valid
     flat_local = torch.zeros(batch * seq, dtype=torch.long, device=device)
     flat_map = image_map.flatten()
-    is_img = flat_map >= 0
+    is_img = reduced.flatten()
     if bool(is_img.any()):
         # local index of every placeholder inside its image
         starts = torch.tensor([0] + list(counts[:-1]), device=device).cumsum(0)
@@ -753,15 +772,12 @@ def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
     batch, q = ref.shape[:2]
     caller_past = past - enc["lm_len"] + enc["caller_len"]
     mask2d = kwargs.get("attention_mask")
+    if mask2d is not None and (mask2d.dim() != 2 or mask2d.shape[1] != caller_past + q):
+        raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
+                         f"got {tuple(mask2d.shape)}")
+    kwargs["position_ids"] = state.adapter.encoder_step_positions(state.model, kwargs, caller_past, q, enc["shift"])
     if mask2d is not None:
-        if mask2d.dim() != 2 or mask2d.shape[1] != caller_past + q:
-            raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
-                             f"got {tuple(mask2d.shape)}")
         kwargs["attention_mask"] = torch.cat([enc["valid"].to(mask2d.dtype), mask2d[:, enc["caller_len"]:]], dim=1)
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(caller_past, caller_past + q, device=ref.device)[None].expand(batch, q)
-    kwargs["position_ids"] = state.adapter.decode_positions(positions, enc["shift"])
     return kwargs
 
 
