@@ -389,6 +389,23 @@ class Qwen2_5_VLAdapter(Adapter):
         inner.rope_deltas = deltas
         return positions
 
+    def encoder_step_positions(self, model, call: dict, caller_past: int, q: int, shift: torch.Tensor):
+        """Decode positions after encoder-side selection: the caller's, else what the stock model
+        would compute from the unreduced sequence (caller positions plus its ``rope_deltas``)."""
+        positions = call.get("position_ids")
+        deltas = model.model.rope_deltas
+        if positions is not None or deltas is None:
+            return positions
+        ref = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+        batch, device = ref.shape[0], ref.device
+        mask = call.get("attention_mask")
+        if mask is not None:
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -q:]
+        else:
+            pos = torch.arange(caller_past, caller_past + q, device=device)[None].expand(batch, q)
+        deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        return (pos + deltas)[None].expand(3, -1, -1)
+
     def shrink_call(self, model, call: dict, keep_rows: torch.Tensor) -> dict:
         types = call.get("mm_token_type_ids")
         return {} if types is None else {"mm_token_type_ids": types.gather(1, keep_rows)}

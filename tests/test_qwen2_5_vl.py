@@ -548,3 +548,29 @@ def test_encoder_selection_cached_decode_equals_from_scratch(attn):
     for step, logits in enumerate(gen.logits):
         for b in range(len(SAMPLES)):
             torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+def test_manual_decode_loop_without_positions(encoder_keep):
+    """A plain cached loop (no mask, no position_ids): decode positions come from the rope deltas."""
+    model = _model()
+    layers, keep = [2], [0.5]
+    inputs = make_inputs([[3, (4, 6), 2, (2, 4), 5]], seed=10)
+    inputs.pop("attention_mask")
+    seq_len = inputs["input_ids"].shape[1]
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            logits, tokens = [out.logits[:, -1]], []
+            for _ in range(3):
+                tokens.append(logits[-1].argmax(-1, keepdim=True))
+                out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits[:, -1])
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    ref, _ = reference_reduced(model, {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}, layers,
+                               keep, new_tokens=torch.cat(tokens, 1), selection=sel, encoder_keep=encoder_keep)
+    for step, lg in enumerate(logits):
+        torch.testing.assert_close(lg[0], ref[0][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
