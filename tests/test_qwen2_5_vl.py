@@ -167,7 +167,8 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     from pio_kernels.integrations.engine import resolve_budget
     lm = model.model.language_model
     embeds, pos, mask, deltas = _lm_inputs(model, inputs)
-    vis = _visual_ids(model, inputs)
+    device = embeds.device
+    vis = _visual_ids(model, inputs).to(device)
     encoded = None
     if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
         encoded = qwen.encoder_selection(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"],
@@ -184,14 +185,14 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
         if new_tokens is not None:
             t = new_tokens.shape[1]
             x = torch.cat([x, lm.embed_tokens(new_tokens[b])])
-            p_new = (n_prompt + torch.arange(t) + deltas[b]).expand(3, t)
+            p_new = (n_prompt + torch.arange(t, device=device) + deltas[b].to(device)).expand(3, t)
             p = torch.cat([p, p_new], dim=1)
-            caller = torch.cat([caller, seq_len + torch.arange(t)])
-            ids = torch.cat([ids, torch.full((t,), -1)])
-        cur = torch.arange(x.shape[0])  # rows of this sample still present
+            caller = torch.cat([caller, seq_len + torch.arange(t, device=device)])
+            ids = torch.cat([ids, torch.full((t,), -1, device=device)])
+        cur = torch.arange(x.shape[0], device=device)  # rows of this sample still present
         if encoded is not None:
             x = x.clone()
-            present = torch.ones(x.shape[0], dtype=torch.bool)
+            present = torch.ones(x.shape[0], dtype=torch.bool, device=device)
             for image in ids.unique().tolist():
                 if 0 <= image < len(encoded[0]):
                     r = (ids == image).nonzero().flatten()
@@ -210,7 +211,7 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
                         hp = h[:, is_prompt]
                         scores = reference.proxy_saliency(layer, lm.norm, model.lm_head, hp,
                                                           (cos[:, is_prompt], sin[:, is_prompt]), num_positions=k)[0]
-                        keep_rows = torch.ones(cur.numel(), dtype=torch.bool)
+                        keep_rows = torch.ones(cur.numel(), dtype=torch.bool, device=device)
                         for image in ids[cur].unique().tolist():
                             if image < 0:
                                 continue
@@ -221,12 +222,13 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
                             keep_rows[r[picked[picked >= 0]]] = True
                     else:
                         wanted = set(selection[s][b])
-                        keep_rows = torch.tensor([ids[c] < 0 or int(caller[c]) in wanted for c in cur.tolist()])
+                        keep_rows = torch.tensor([bool(ids[c] < 0) or int(caller[c]) in wanted for c in cur.tolist()],
+                                                 device=device)
                     cur = cur[keep_rows]
                     h = h[:, keep_rows]
                     out_sel[s].append(sorted(int(caller[c]) for c in cur.tolist() if ids[c] >= 0))
                 pe = lm.rotary_emb(h, p[:, None, cur])
-                y = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=pe)
+                y = layer(h, attention_mask=_causal(h.shape[1], h.dtype).to(device), position_embeddings=pe)
                 h = y[0] if isinstance(y, tuple) else y
             logits = model.lm_head(lm.norm(h))[0]
         out_logits.append({int(caller[c]): logits[i] for i, c in enumerate(cur.tolist())})
@@ -401,24 +403,74 @@ def test_video_frames_are_selected_per_frame():
     _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_within_twice_torch_error():
-    """Flash-attention rule: the bf16 integration is no further from fp32 than PyTorch's bf16 is."""
-    model = make_model(dtype=torch.bfloat16)
+def _check_bf16_against_fp32(device, samples, encoder_keep=None, generate=False, sdpa_backend=None):
+    """Flash-attention rule: the bf16 integration is no further from fp32 than PyTorch's bf16 is.
+
+    The fp32 model is the bf16 one upcast; both references use the selection the bf16 run made.
+    """
+    import contextlib
+    model = make_model(dtype=torch.bfloat16).to(device)
     model32 = copy.deepcopy(model).float()
     layers, keep = [1, 3], [0.5, 0.34]
-    inputs = make_inputs(SAMPLES, seed=5, dtype=torch.bfloat16)
-    apply_pio(model, PioConfig(layers=layers, keep=keep))
-    out = _logits(model, inputs)
-    sel = _selection_lists(model)
-    remove_pio(model)
-    ref32, _ = reference_reduced(model32, {**inputs, "pixel_values": inputs["pixel_values"].float()}, layers,
-                                 keep, selection=sel)
-    ref16, _ = reference_reduced(model, inputs, layers, keep, selection=sel)
-    for b, rows in enumerate(ref32):
-        for r, expected in rows.items():
-            ours = (out[b, r].float() - expected).abs().max()
+    inputs = {k: v.to(device) for k, v in make_inputs(samples, seed=5, dtype=torch.bfloat16).items()}
+    seq_len = inputs["input_ids"].shape[1]
+    backend = contextlib.nullcontext()
+    if sdpa_backend is not None:
+        from torch.nn.attention import sdpa_kernel
+        backend = sdpa_kernel(sdpa_backend)
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        with backend, torch.no_grad():
+            if generate:
+                gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True)
+                rows = {seq_len - 1 + j: lg for j, lg in enumerate(gen.logits)}
+                new = gen.sequences[:, seq_len:-1]
+            else:
+                out = model(**inputs).logits
+                new = None
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    inputs32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    kw = dict(selection=sel, new_tokens=new, encoder_keep=encoder_keep)
+    ref32, _ = reference_reduced(model32, inputs32, layers, keep, **kw)
+    ref16, _ = reference_reduced(model, inputs, layers, keep, **kw)
+    checked = 0
+    for b, expected_rows in enumerate(ref32):
+        for r, expected in expected_rows.items():
+            if generate and r not in rows:
+                continue
+            ours = (rows[r][b] if generate else out[b, r]).float()
+            ours_err = (ours - expected).abs().max()
             torch_err = (ref16[b][r].float() - expected).abs().max()
-            assert ours <= 2 * torch_err + 1e-2, (b, r, float(ours), float(torch_err))
+            assert ours_err <= 2 * torch_err + 1e-2, (b, r, float(ours_err), float(torch_err))
+            checked += 1
+    assert checked >= (3 if generate else 10)
+
+
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+def test_bf16_within_twice_torch_error(encoder_keep):
+    _check_bf16_against_fp32("cpu", SAMPLES, encoder_keep=encoder_keep)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+@pytest.mark.parametrize("generate", [False, True])
+def test_cuda_bf16_padded_batch(encoder_keep, generate):
+    _check_bf16_against_fp32("cuda", SAMPLES, encoder_keep=encoder_keep, generate=generate)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+def test_cuda_bf16_flash_sdpa_single_sample(encoder_keep):
+    # One unpadded sample: the model's layers get no mask, so sdpa runs its flash kernel; the
+    # saliency probe builds an explicit mask and falls back to the memory-efficient kernel.
+    from torch.nn.attention import SDPBackend
+    _check_bf16_against_fp32("cuda", SAMPLES[1:], encoder_keep=encoder_keep, generate=True,
+                             sdpa_backend=[SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
 # ---------------------------------------------------------------- encoder side on the real tower
