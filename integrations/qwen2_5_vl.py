@@ -281,8 +281,9 @@ class Qwen2_5_VLAdapter(Adapter):
 
         Images come first (ids ``0 .. images - 1``, the order of ``image_grid_thw`` and of the
         encoder-side lists), then video frames. Sizes come from the counts the engine recorded,
-        else from the grids; when neither matches the placeholders (after encoder-side
-        selection) every contiguous run of image pad tokens is one image.
+        else from the grids. Without either (``generate`` may have consumed the grids, and
+        encoder-side selection changes the counts) an image is a contiguous run of pad tokens
+        and a video frame a run of video pad tokens with one temporal position.
         """
         input_ids = call.get("input_ids")
         if input_ids is None:
@@ -306,10 +307,16 @@ class Qwen2_5_VLAdapter(Adapter):
             if counts is not None:
                 ids = torch.repeat_interleave(torch.arange(len(counts), device=out.device),
                                               torch.tensor(counts, device=out.device))
-            else:  # every contiguous run of pad tokens is one image
+            else:
                 run = input_ids == token
-                starts = (run & ~F.pad(run[:, :-1], (1, 0), value=False)).flatten()
-                ids = starts.long().cumsum(0)[rows] - 1
+                starts = run & ~F.pad(run[:, :-1], (1, 0), value=False)
+                positions = call.get("position_ids")
+                if positions is None:
+                    positions = lm_kwargs.get("position_ids")
+                if token == cfg.video_token_id and positions is not None and positions.dim() == 3:
+                    t = positions[-3].to(out.device)  # temporal row of the M-RoPE ids
+                    starts |= run & (t != F.pad(t[:, :-1], (1, 0), value=-1))
+                ids = starts.flatten().long().cumsum(0)[rows] - 1
             flat[rows] = ids + next_id
             next_id += int(ids.max()) + 1
         return out
