@@ -379,7 +379,7 @@ class Qwen2_5_VLAdapter(Adapter):
         positions = call.get("position_ids")
         if positions is None:
             positions = self._prompt_positions(model, call)
-        positions = _three_rows(positions, src.shape[0], 0, src.shape[1], src.device)
+        positions = _three_rows(positions, src.shape[0], 0, call["input_ids"].shape[1], src.device)
         return self.positions_after_stage(positions, src, dropped_before, valid)
 
     @staticmethod

@@ -122,9 +122,13 @@ def _lm_inputs(model, inputs):
             model(**inputs)
     finally:
         handle.remove()
-    pos = captured["position_ids"]
+    pos, embeds = captured["position_ids"], captured["inputs_embeds"]
+    if pos is None:  # no mm_token_type_ids: the stock model falls back to 1-D positions
+        pos = torch.arange(embeds.shape[1], device=embeds.device).expand(3, embeds.shape[0], -1)
     pos = pos[1:] if pos.shape[0] == 4 else pos
-    return captured["inputs_embeds"], pos, captured["attention_mask"], model.model.rope_deltas.clone()
+    deltas = model.model.rope_deltas
+    deltas = torch.zeros(embeds.shape[0], 1, dtype=torch.long) if deltas is None else deltas.clone()
+    return embeds, pos, captured["attention_mask"], deltas
 
 
 def _visual_ids(model, inputs):
@@ -173,6 +177,8 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
         encoded = qwen.encoder_selection(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"],
                                          lambda n: resolve_budget(encoder_keep, n))
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
     batch, seq_len = mask.shape
     out_logits, out_sel = [], [[] for _ in layers]
     for b in range(batch):
@@ -633,3 +639,36 @@ def test_manual_decode_loop_without_positions(encoder_keep):
                                keep, new_tokens=torch.cat(tokens, 1), selection=sel, encoder_keep=encoder_keep)
     for step, lg in enumerate(logits):
         torch.testing.assert_close(lg[0], ref[0][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+
+
+def test_without_mm_token_type_ids_positions_fall_back_like_stock():
+    """Without mm_token_type_ids the stock model uses 1-D positions; the integration gathers those."""
+    model = _model()
+    model.model.rope_deltas = None
+    inputs = make_inputs([[3, (4, 6), 5]], seed=11)
+    inputs.pop("mm_token_type_ids")
+    inputs.pop("attention_mask")
+    layers, keep, encoder_keep = [2], [0.5], 0.5
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep, encoder_keep=encoder_keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        out = _logits(model, inputs)
+        assert _selection_lists(model) == ref_sel
+    finally:
+        remove_pio(model)
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_remove_pio_restores_stock_model_and_bad_schedules_raise():
+    model = _model()
+    inputs = make_inputs(SAMPLES, seed=12)
+    stock = _logits(model, inputs)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[0.5, 1], encoder_keep=0.5))
+    reduced = _logits(model, inputs)
+    remove_pio(model)
+    assert not torch.equal(reduced, stock)
+    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layers"):
+        apply_pio(model, PioConfig(layers=[4], keep=[0.5]))  # the tiny model has 4 layers
+    with pytest.raises(ValueError, match="encoder_keep"):
+        PioConfig(layers=[1], keep=[0.5], encoder_keep=1.5)
