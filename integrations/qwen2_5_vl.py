@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Adapter, register_adapter, resolve_budget
+from .engine import Adapter, merge_dropped, register_adapter, resolve_budget
 
-__all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "merge_into_kept", "vision_column_scores", "window_global_selection"]
+__all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "vision_column_scores",
+           "window_global_selection"]
 
 # Attention probabilities held at once by vision_column_scores, in elements (fp32: 64 MiB).
 _SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -131,31 +132,6 @@ def window_global_selection(local_scores: torch.Tensor, global_scores: torch.Ten
     return chosen.nonzero().squeeze(1)
 
 
-def merge_into_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Merges every dropped row into its most cosine-similar kept row (SPEC section 4).
-
-    Args:
-        features: (N, D) floating, one image's tokens after the merger.
-        keep: (k,) int64, kept row indices, ascending.
-
-    Returns:
-        (k, D) in ``features.dtype``: each kept row becomes the mean of itself and the rows
-        merged into it (similarity in fp32 on L2-normalised rows, ties to the lower kept index).
-    """
-    n = features.shape[0]
-    dropped = torch.ones(n, dtype=torch.bool, device=features.device)
-    dropped[keep] = False
-    kept_x = features[keep].float()
-    if not bool(dropped.any()):
-        return features[keep]
-    drop_x = features[dropped].float()
-    target = (F.normalize(drop_x, dim=-1) @ F.normalize(kept_x, dim=-1).T).argmax(dim=1)
-    total = kept_x.index_add(0, target, drop_x)
-    count = torch.ones(keep.shape[0], dtype=torch.float32, device=features.device)
-    count = count.index_add(0, target, torch.ones_like(target, dtype=torch.float32))
-    return (total / count[:, None]).to(features.dtype)
-
-
 def _window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
     """The tower's permutation of merged rows into window order (the stock helper computes it)."""
     from transformers.vision_utils import get_vision_window_index
@@ -181,7 +157,7 @@ def encoder_selection(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: t
     ``N x N`` map); per patch scores are averaged over each 2x2 merge group and put back into
     the merged order the tower outputs. Then, per frame (an image is one frame):
     :func:`window_global_selection` on the frame's merged grid with ``budget(n)`` tokens, and
-    :func:`merge_into_kept` on the tower's merged output.
+    :func:`~.engine.merge_dropped` on the tower's merged output.
 
     Args:
         visual: ``Qwen2_5_VisionTransformerPretrainedModel``.
@@ -232,7 +208,7 @@ def encoder_selection(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: t
             for _ in range(t):
                 rows = slice(start, start + h * w)
                 keep = window_global_selection(local[rows], global_[rows], h, w, budget(h * w), window)
-                frames.append(merge_into_kept(merged[rows], keep))
+                frames.append(merge_dropped(merged[rows], keep))
                 kept.append(keep)
                 start += h * w
     return frames, kept

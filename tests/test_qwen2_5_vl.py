@@ -1,13 +1,15 @@
 """Qwen2.5-VL integration (issue 6) on tiny random-weight models built from configs."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio
 from pio_kernels.integrations import qwen2_5_vl as qwen
+from pio_kernels.integrations.engine import merge_dropped, resolve_budget
 from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
 
 
@@ -60,22 +62,6 @@ def test_window_global_selection_spreads_local_half():
     kept = qwen.window_global_selection(local.flatten(), torch.arange(h * w, dtype=torch.float), h, w,
                                         budget=8, window=4)
     assert kept.tolist() == [4, 27, 32, 36, 60, 61, 62, 63]
-
-
-def test_merge_into_kept_is_mean_of_nearest():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 5, generator=g)
-    keep = torch.tensor([1, 4, 7])
-    out = qwen.merge_into_kept(x, keep)
-    groups = {int(k): [x[k]] for k in keep}
-    for i in range(9):
-        if i in keep.tolist():
-            continue
-        sims = [float(F.cosine_similarity(x[i], x[k], dim=0)) for k in keep]
-        groups[int(keep[max(range(3), key=lambda j: sims[j])])].append(x[i])
-    expected = torch.stack([torch.stack(groups[int(k)]).mean(0) for k in keep])
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(qwen.merge_into_kept(x, torch.arange(9)), x)
 
 
 def test_vision_column_scores_match_full_attention_map():
@@ -168,7 +154,6 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     S, S+1, ...), and per stage per sample the kept visual caller rows (sorted list).
     """
     from pio_kernels import reference
-    from pio_kernels.integrations.engine import resolve_budget
     lm = model.model.language_model
     embeds, pos, mask, deltas = _lm_inputs(model, inputs)
     device = embeds.device
@@ -242,15 +227,10 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
 
 
 def _selection_lists(model):
-    from pio_kernels.integrations import last_selection
     return [[[int(v) for v in row if v >= 0] for row in stage] for stage in last_selection(model)]
 
 
 # ---------------------------------------------------------------- the integration, language side
-
-import copy  # noqa: E402
-
-from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio  # noqa: E402
 
 SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6]]  # several images of different sizes
 _MODELS: dict = {}
@@ -528,7 +508,6 @@ def _reference_tower_scores(model, pixel_values, grid_thw, blocks):
 
 @pytest.mark.parametrize("keep", [0.34, 3])
 def test_encoder_selection_matches_materialised_attention(keep):
-    from pio_kernels.integrations.engine import resolve_budget
     model = _model()
     inputs = make_inputs([[2, (8, 8), 1, (4, 6), 1, (2, 2), 3, (2, 4, 4)]], seed=6)
     pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
@@ -546,7 +525,7 @@ def test_encoder_selection_matches_materialised_attention(keep):
         rows = slice(start, start + h * w)
         expected = qwen.window_global_selection(local[rows], global_[rows], h, w, budget(h * w))
         assert k.tolist() == expected.tolist() and k.numel() == min(h * w, budget(h * w))
-        torch.testing.assert_close(feats, qwen.merge_into_kept(pooled[rows], k))
+        torch.testing.assert_close(feats, merge_dropped(pooled[rows], k))
         start += h * w
     assert start == pooled.shape[0]
 
@@ -587,7 +566,6 @@ def test_encoder_selection_matches_reduced_model_from_scratch(attn, padding_side
     # per image resolve_budget(encoder_keep, n) tokens leave the encoder; video frames pass whole
     image = inputs["input_ids"] == IMAGE
     n_kept_images = [sum(bool(image[b, r]) for r in rows) for b, rows in enumerate(enc)]
-    from pio_kernels.integrations.engine import resolve_budget
     expected = [resolve_budget(encoder_keep, 6), resolve_budget(encoder_keep, 6) + 1]
     assert n_kept_images == expected
     assert len(enc[1]) - n_kept_images[1] == 8  # the video's two frames of 4 tokens
