@@ -91,7 +91,8 @@ def window_global_selection(local_scores: torch.Tensor, global_scores: torch.Ten
     windows (a partial last row or column of windows joins its neighbour) and tokens are
     taken by descending ``local_scores`` with at most ``ceil(local / windows)`` per window
     (then, if the caps leave it short, the best remaining). The other half is global: the
-    top of ``global_scores`` among the rest. Ties go to the lower index.
+    top of ``global_scores`` among the rest. Ties go to the lower index. This is the released
+    Qwen2.5-VL rule; LLaVA's fixed count per window is :func:`~.engine.split_local_global`.
 
     Args:
         local_scores, global_scores: (grid_h * grid_w,) floating, row-major merged grid.
@@ -104,6 +105,8 @@ def window_global_selection(local_scores: torch.Tensor, global_scores: torch.Ten
     if local_scores.shape != (n,) or global_scores.shape != (n,):
         raise ValueError(f"scores must have shape ({n},) for a {grid_h}x{grid_w} grid, got "
                          f"{tuple(local_scores.shape)} and {tuple(global_scores.shape)}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
     device = local_scores.device
     if budget >= n:
         return torch.arange(n, device=device)
