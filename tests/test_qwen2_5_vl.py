@@ -442,9 +442,9 @@ def _check_bf16_against_fp32(device, samples, encoder_keep=None, generate=False,
     assert checked >= (3 if generate else 10)
 
 
-@pytest.mark.parametrize("encoder_keep", [None, 0.5])
-def test_bf16_within_twice_torch_error(encoder_keep):
-    _check_bf16_against_fp32("cpu", SAMPLES, encoder_keep=encoder_keep)
+@pytest.mark.parametrize("encoder_keep,generate", [(None, False), (0.5, False), (0.5, True)])
+def test_bf16_within_twice_torch_error(encoder_keep, generate):
+    _check_bf16_against_fp32("cpu", SAMPLES, encoder_keep=encoder_keep, generate=generate)
 
 
 @pytest.mark.cuda
