@@ -46,7 +46,7 @@ check-cuda: $(DEPS)
 	  echo '#define C10_CUDA_BUILD_SHARED_LIBS' > $$stub/c10/cuda/impl/cuda_cmake_macros.h; \
 	  for f in $(wildcard csrc/cuda/*.cu); do \
 	    echo "nvcc -c $$f"; \
-	    nvcc -std=c++20 --expt-relaxed-constexpr -arch=sm_90 $$inc -idirafter $$stub -I$$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") -c $$f -o /dev/null || { rm -rf $$stub; exit 1; }; \
+	    nvcc -std=c++20 --expt-relaxed-constexpr -arch=sm_90 $$inc -I$$stub -I$$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") -c $$f -o /dev/null || { rm -rf $$stub; exit 1; }; \
 	  done; rm -rf $$stub; \
 	else echo "check-cuda: no nvcc or no .cu sources, skipped"; fi
 
