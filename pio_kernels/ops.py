@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from pio_kernels import reference
+from pio_kernels import nms
 
 __all__ = ["BACKENDS", "HAS_EXTENSION", "available_backends", "select_tokens"]
 
@@ -128,13 +128,13 @@ def select_tokens(features: torch.Tensor, scores: torch.Tensor, budget: int, tau
         tau: a token is suppressed by a kept token whose cosine with it is >= ``tau``.
             ``tau > 1`` gives plain top-k.
         lengths: (B,) int64, valid tokens per row (ragged batches); default N. Values out of
-            [0, N] raise ValueError on CPU and on the ``"torch"`` path; the device paths
-            (``"cuda"``, ``"triton"`` on a GPU) clamp them instead, since checking would sync.
+            [0, N] raise ValueError on CPU; on a GPU every path clamps them instead,
+            since checking would sync.
         backend: None (default) lets the dispatcher choose: the compiled kernel of the
             device, else on CUDA the Triton path, else PyTorch. ``"cpp"`` (compiled CPU
             kernel), ``"cuda"`` (compiled CUDA kernel), ``"triton"`` (CUDA, or CPU under
-            ``TRITON_INTERPRET=1``) or ``"torch"`` (the reference loop, host-side) force a
-            path; see ``available_backends(device)``.
+            ``TRITON_INTERPRET=1``) or ``"torch"`` (tensor ops on the device, no host
+            sync, ``pio_kernels/nms.py``) force a path; see ``available_backends(device)``.
 
     Returns:
         (B, budget) int64 (or (budget,) for 2-D input): kept positions in ascending order;
@@ -182,10 +182,11 @@ def _select_tokens_fake(features, scores, budget, tau=0.8, lengths=None):
 
 
 def _select_tokens_torch(features, scores, budget, tau=0.8, lengths=None):
-    """PyTorch path: the reference loop (host-side), for builds without a compiled kernel."""
+    """PyTorch path (pio_kernels/nms.py), on the tensors' device; lengths checked on CPU, clamped elsewhere."""
     _check_select_tokens_args(features, scores, budget, tau, lengths)
-    _check_lengths_values(lengths, features.shape[1])
-    return reference.select_tokens(features, scores, budget, tau, lengths)
+    if features.device.type == "cpu":
+        _check_lengths_values(lengths, features.shape[1])
+    return nms.select_tokens(features, scores, budget, tau, lengths)
 
 
 def _select_tokens_triton(features, scores, budget, tau=0.8, lengths=None):
@@ -199,7 +200,7 @@ def _select_tokens_triton(features, scores, budget, tau=0.8, lengths=None):
 
 
 def _select_tokens_cuda_fallback(features, scores, budget, tau=0.8, lengths=None):
-    """CUDA without the compiled kernel: Triton when importable, else the reference loop."""
+    """CUDA without the compiled kernel: Triton when importable, else the PyTorch path."""
     if _HAS_TRITON:
         return _select_tokens_triton(features, scores, budget, tau, lengths)
     return _select_tokens_torch(features, scores, budget, tau, lengths)

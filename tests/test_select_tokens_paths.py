@@ -1,7 +1,8 @@
 """Every path of ``select_tokens`` against the reference (SPEC section 3): identical indices.
 
-Paths: the compiled CPU kernel ("cpp"), the compiled CUDA kernel ("cuda", GPU only), and
-the Triton path ("triton": on a GPU, and on CPU in a subprocess under TRITON_INTERPRET=1).
+Paths: the compiled CPU kernel ("cpp"), the compiled CUDA kernel ("cuda", GPU only), the
+Triton path ("triton": on a GPU, and on CPU in a subprocess under TRITON_INTERPRET=1) and
+the device-side PyTorch path ("torch", pio_kernels/nms.py).
 
 Identical indices are only a fair demand when no pair of tokens has a cosine within
 rounding of ``tau`` (the paths sum in different orders). The data here is built so that
@@ -37,8 +38,9 @@ cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def compiled_paths(device: str) -> list[str]:
-    return [p for p in available_backends(device) if p in ("cpp", "cuda")]
+def cpu_paths() -> list[str]:
+    """Paths testable in this process on CPU (Triton's interpreter runs in a subprocess)."""
+    return [p for p in available_backends("cpu") if p in ("cpp", "torch")]
 
 
 def clustered(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32, dup_every: int = 20) -> torch.Tensor:
@@ -120,7 +122,7 @@ def _small_budgets(n: int) -> list[int]:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_small_matches_reference(n, tau, dtype):
     key = (n, 67 if n < 100 else 515, 2, 11 * n, dtype, dtype != torch.float32, 0)
-    for path in compiled_paths("cpu"):
+    for path in cpu_paths():
         for budget in _small_budgets(n):
             _run(path, "cpu", key, budget, tau)
 
@@ -129,7 +131,7 @@ def test_cpu_small_matches_reference(n, tau, dtype):
 @pytest.mark.parametrize("tau", TAUS)
 def test_cpu_large_matches_reference(n, tau):
     key = (n, 257, 1, 3, torch.float32, False, 0)
-    for path in compiled_paths("cpu"):
+    for path in cpu_paths():
         for budget in (1, 64, n // 9, n):
             _run(path, "cpu", key, budget, tau)
 
@@ -140,7 +142,7 @@ def test_cpu_ragged_nans_ties(seed, tau):
     """Ragged lengths (0, short, long, full), NaN scores and score ties, over seeds."""
     key = (97, 131, 4, 100 + seed, torch.float32, True, 9)
     lengths = (97, 0, 13 + seed, 60)
-    for path in compiled_paths("cpu"):
+    for path in cpu_paths():
         for budget in (1, 5, 14, 40, 97, 120):
             _run(path, "cpu", key, budget, tau, lengths)
 
@@ -167,9 +169,9 @@ def test_pairs_just_around_tau(tau, delta):
         assert torch.equal(want[0], torch.arange(pairs))
     else:
         assert torch.equal(want[0], firsts)
-    for path in compiled_paths("cpu"):
+    for path in cpu_paths():
         assert torch.equal(pio_kernels.select_tokens(x, s, budget, tau, backend=path), want)
-    for path in compiled_paths("cuda") if torch.cuda.is_available() else []:
+    for path in _gpu_paths() if torch.cuda.is_available() else []:
         assert torch.equal(pio_kernels.select_tokens(x.cuda(), s.cuda(), budget, tau, backend=path).cpu(), want)
 
 
@@ -179,7 +181,7 @@ def test_backend_argument_errors():
         pio_kernels.select_tokens(x, s, 2, backend="numpy")
     with pytest.raises(ValueError, match="backend"):
         pio_kernels.select_tokens(x, s, 2, backend="cuda")  # CPU tensors
-    for path in compiled_paths("cpu") + ["torch"]:
+    for path in cpu_paths():
         with pytest.raises(ValueError, match="lengths"):
             pio_kernels.select_tokens(x, s, 2, lengths=torch.tensor([6]), backend=path)
         assert torch.equal(pio_kernels.select_tokens(x[0], s[0], 2, backend=path),
@@ -238,7 +240,7 @@ def test_properties(n, d, batch, budget, tau, dtype, seed, ragged, dup, nans):
     if nans:
         s[:, ::3] = float("nan")
     lengths = torch.randint(0, n + 1, (batch,), generator=g) if ragged else None
-    for path in compiled_paths("cpu"):
+    for path in cpu_paths():
         out = pio_kernels.select_tokens(x, s, budget, tau, lengths, backend=path)
         _check_properties(x, s, budget, tau, lengths, out)
 
@@ -284,7 +286,7 @@ def test_triton_interpreter_matches_reference():
 # ---------------------------------------------------------------- CUDA
 
 def _gpu_paths() -> list[str]:
-    return [p for p in available_backends("cuda") if p in ("cuda", "triton")]
+    return [p for p in available_backends("cuda") if p in ("cuda", "triton", "torch")]
 
 
 @cuda

@@ -7,9 +7,9 @@ output shape.
 
 Steps:
   1. PyTorch: rows normalised with ``F.normalize`` in fp32 (as the reference), the
-     saliency order by two stable sorts (descending score with NaN as -inf, then by the
-     group valid < NaN < padding), so a row's first ``n = lengths[b]`` order positions
-     are its valid tokens in the reference's order; ``lengths`` clamped to [0, N].
+     saliency order (``pio_kernels.nms.saliency_order``: a row's first ``n = lengths[b]``
+     order positions are its valid tokens in the reference's order), ``lengths`` clamped
+     to [0, N].
   2. ``_similarity_mask_kernel``: ``mask[b, i, j] = cos(x_order[i], x_order[j]) >= tau``
      for order positions ``j > i``, fp32 ``tl.dot`` with ``input_precision="ieee"`` (no
      TF32: the decision near tau must be the fp32 one), bits packed 32 to an int32 word in
@@ -17,8 +17,7 @@ Steps:
   3. ``_strict_pass_kernel``: one program per row walks the order with the alive set in
      registers (one int32 word per 32 positions), selects, clears the pick's mask row,
      stops at the budget; writes a flag per order position.
-  4. PyTorch: the fill pass (the first ``budget - picks`` unpicked positions, by a
-     cumulative sum) and the ascending output (a scatter to token indices and a sort).
+  4. PyTorch (``pio_kernels.nms.assemble_output``): the fill pass and the ascending output.
 
 Bound (one row, N tokens, D features): the mask is N^2 D FLOPs in fp32 (full tiles on
 and above the diagonal) plus N^2 / 8 bytes written; the strict pass is N steps of
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["select_tokens", "saliency_order_device", "assemble_output"]
+from pio_kernels.nms import assemble_output, clamp_lengths, saliency_order
+
+__all__ = ["select_tokens"]
 
 
 @triton.jit
@@ -98,42 +99,6 @@ def _strict_pass_kernel(mask_ptr, len_ptr, picked_ptr, N, W, budget, BLOCK_W: tl
         r += 1
 
 
-def saliency_order_device(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, N) int64 saliency order per row: valid tokens first (descending score, ties to
-    the lower index, NaN last), then the padding positions. ``lengths`` (B,) int64 in
-    [0, N]. Device-side, no host sync."""
-    n = scores.shape[1]
-    nan = scores.isnan()
-    finite_first = torch.where(nan, torch.full_like(scores, float("-inf")), scores)
-    by_score = torch.sort(finite_first, dim=1, descending=True, stable=True).indices
-    pad = torch.arange(n, device=scores.device)[None, :] >= lengths[:, None]
-    group = torch.where(pad, 2, nan.to(torch.uint8)).to(torch.uint8)
-    by_group = torch.sort(group.gather(1, by_score), dim=1, stable=True).indices
-    return by_score.gather(1, by_group)
-
-
-def assemble_output(picked: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor, budget: int) -> torch.Tensor:
-    """Fill pass and ascending output from the strict-pass flags.
-
-    picked: (B, N) bool over order positions; order: (B, N) int64; lengths: (B,) int64.
-    Returns (B, budget) int64, -1 padded. Device-side, no host sync.
-    """
-    batch, n = order.shape
-    pos = torch.arange(n, device=order.device)
-    valid = pos[None, :] < lengths[:, None]
-    picked = picked & valid
-    need = budget - picked.sum(1, keepdim=True)
-    free = valid & ~picked
-    chosen = picked | (free & (torch.cumsum(free, 1) <= need))
-    by_token = torch.zeros_like(chosen).scatter(1, order, chosen)
-    keyed = torch.where(by_token, pos[None, :], n)
-    kept = torch.sort(keyed, dim=1).values[:, :budget]
-    kept = torch.where(kept == n, -1, kept)
-    if budget > n:
-        kept = torch.cat([kept, kept.new_full((batch, budget - n), -1)], dim=1)
-    return kept
-
-
 def _fp32_threshold(tau: float) -> float:
     """tau as the fp32 scalar that torch's ``x >= tau`` compares with (saturating)."""
     return float(torch.tensor(tau, dtype=torch.float64).to(torch.float32))
@@ -158,12 +123,9 @@ def select_tokens(features: torch.Tensor, scores: torch.Tensor, budget: int, tau
     device = features.device
     if batch == 0 or n == 0:
         return torch.full((batch, budget), -1, dtype=torch.long, device=device)
-    if lengths is None:
-        lengths = torch.full((batch,), n, dtype=torch.long, device=device)
-    else:
-        lengths = lengths.clamp(0, n).contiguous()
+    lengths = clamp_lengths(lengths, batch, n, device)
     xn = F.normalize(features.float(), dim=-1, eps=1e-12).contiguous()
-    order = saliency_order_device(scores, lengths)
+    order = saliency_order(scores, lengths)
     order32 = order.to(torch.int32).contiguous()
     words = triton.cdiv(n, 32)
     mask = torch.empty((batch, n, words), dtype=torch.int32, device=device)
