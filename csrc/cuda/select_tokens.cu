@@ -327,7 +327,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& features, const at::Tensor& scor
       std::get<1>(group.gather(1, by_score).sort(/*stable=*/true, /*dim=*/1, /*descending=*/false));
   const at::Tensor order = by_score.gather(1, by_group).to(at::kInt).contiguous();
 
-  const int64_t M = std::min({N, std::max(kPrefixPerBudget * budget, kPrefixMin), kPrefixMax});
+  const int64_t M = std::min({N, std::max(kPrefixPerBudget * std::min(budget, N), kPrefixMin), kPrefixMax});
   const int64_t W = (M + 31) / 32, Wn = (N + 31) / 32, P = std::min(budget, N);
   const float tau_f = tau > std::numeric_limits<float>::max()    ? std::numeric_limits<float>::infinity()
                       : tau < -std::numeric_limits<float>::max() ? -std::numeric_limits<float>::infinity()
