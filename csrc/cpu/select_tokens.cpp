@@ -2,8 +2,9 @@
 //
 // Per row the similarity matrix is never built: a candidate is compared only
 // with the tokens already selected, in saliency order, and the walk stops at the
-// budget. Cost is at most (candidates walked) x (selected) x D multiply-adds,
-// against N x N x D for the full matrix the reference builds.
+// budget. Cost is at most (candidates walked) x (selected) x D multiply-adds plus
+// (candidates walked) x D to normalise them, against N x N x D for the full matrix
+// the reference builds.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -29,9 +31,20 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+// L2-normalises one row into dst as F.normalize does: x / max(||x||, 1e-12).
+inline void normalise_row(const float* row, int64_t d, float* dst) {
+  const float denom = std::max(std::sqrt(dot(row, row, d)), 1e-12f);
+  for (int64_t j = 0; j < d; ++j) dst[j] = row[j] / denom;
+}
+
 // Selects `budget` of the first `n` rows of one batch row.
 // x: (N, D) fp32 contiguous; s: (N,) fp64; out: (budget,) int64.
-void select_row(const float* x, const double* s, int64_t n, int64_t d, int64_t budget, double tau,
+//
+// Rows are normalised lazily: only the candidates the walk reaches are touched, and only
+// the picked ones are kept (budget x D floats), so a small budget reads a prefix of the
+// saliency order instead of all N rows. The comparison is `float(cos) >= float(tau)`, the
+// fp32 comparison the reference's `x @ x.T >= tau` makes.
+void select_row(const float* x, const double* s, int64_t n, int64_t d, int64_t budget, float tau,
                 int64_t* out) {
   if (n <= budget) {
     for (int64_t i = 0; i < budget; ++i) out[i] = i < n ? i : -1;
@@ -47,16 +60,7 @@ void select_row(const float* x, const double* s, int64_t n, int64_t d, int64_t b
     return a < b;
   });
 
-  // L2-normalised rows in fp32; a zero row stays zero (eps as F.normalize).
-  std::vector<float> xn(static_cast<size_t>(n) * d);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* row = x + i * d;
-    const float norm = std::sqrt(dot(row, row, d));
-    const float inv = 1.f / std::max(norm, 1e-12f);
-    float* dst = xn.data() + i * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] = row[j] * inv;
-  }
-
+  std::vector<float> kept(static_cast<size_t>(budget) * d);  // normalised rows of the picks
   std::vector<int64_t> picked;
   picked.reserve(budget);
   std::vector<uint8_t> is_picked(n, 0);
@@ -64,10 +68,11 @@ void select_row(const float* x, const double* s, int64_t n, int64_t d, int64_t b
   // neighbour (cos >= tau). Same as suppressing each pick's neighbours eagerly.
   for (int64_t r = 0; r < n && static_cast<int64_t>(picked.size()) < budget; ++r) {
     const int64_t c = order[r];
-    const float* xc = xn.data() + c * d;
+    float* xc = kept.data() + picked.size() * d;  // the next free slot
+    normalise_row(x + c * d, d, xc);
     bool suppressed = false;
-    for (int64_t p : picked) {
-      if (static_cast<double>(dot(xn.data() + p * d, xc, d)) >= tau) {
+    for (size_t p = 0; p < picked.size(); ++p) {
+      if (dot(kept.data() + p * d, xc, d) >= tau) {
         suppressed = true;
         break;
       }
@@ -123,13 +128,17 @@ at::Tensor select_tokens_cpu(const at::Tensor& features, const at::Tensor& score
     }
   }
 
+  // tau as the fp32 scalar torch compares with (saturating, so a huge tau is +-inf).
+  const float tau_f = tau > std::numeric_limits<float>::max()    ? std::numeric_limits<float>::infinity()
+                      : tau < -std::numeric_limits<float>::max() ? -std::numeric_limits<float>::infinity()
+                                                                 : static_cast<float>(tau);
   at::Tensor out = at::empty({B, budget}, features.options().dtype(at::kLong));
   const float* xp = x.data_ptr<float>();
   const double* sp = s.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      select_row(xp + b * N * D, sp + b * N, len[b], D, budget, tau, op + b * budget);
+      select_row(xp + b * N * D, sp + b * N, len[b], D, budget, tau_f, op + b * budget);
     }
   });
   return out;
