@@ -1,0 +1,470 @@
+"""LLaVA-1.5 / LLaVA-NeXT integration on tiny random-weight models (SPEC sections 1-5).
+
+The oracle of the reduced model is ``reduced_reference``: a from-scratch forward over the
+stock modules, layer by layer, that drops at each stage the visual rows ``last_selection``
+says were dropped and renumbers positions contiguously (SPEC 5). Every cached decoding
+step of the integration must match it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio
+
+IMAGE = 99
+VOCAB = 100
+
+
+def _llava(layers: int = 4, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=7)  # 4 x 4 = 16 patches
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval().to(dtype)
+    return model
+
+
+def _prompt(text_before: list[int], images: int, text_after: list[int], between: list[int] = (7, 8)) -> list[int]:
+    ids = list(text_before)
+    for i in range(images):
+        if i:
+            ids += list(between)
+        ids += [IMAGE] * 16
+    return ids + list(text_after)
+
+
+def _pixels(n: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 28, 28, generator=g).to(dtype)
+
+
+def _causal(n: int, dtype) -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def lm_reference(model, embeds: torch.Tensor, rows: torch.Tensor, is_image: torch.Tensor, layers: list[int],
+                 kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one unpadded sample through the reduced language model, from scratch.
+
+    ``embeds`` (1, S, D) enter layer 0; ``rows`` (S,) are their caller positions and
+    ``is_image`` (S,) marks visual rows. Before layer ``layers[s]`` the visual rows whose
+    caller position is not in ``kept[s]`` are dropped; positions are renumbered 0.. (SPEC 5).
+    Returns the logits of the rows left after the last stage and their caller positions.
+    """
+    lm = model.model.language_model
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        if i in layers:
+            present = set(kept[layers.index(i)].tolist())
+            sel = torch.tensor([j for j, r in enumerate(rows.tolist()) if not is_image[j] or r in present])
+            rows, is_image, hidden = rows[sel], is_image[sel], hidden[:, sel]
+        pos = torch.arange(rows.numel())[None]
+        hidden = layer(hidden, attention_mask=_causal(rows.numel(), hidden.dtype),
+                       position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos)
+    return model.lm_head(lm.norm(hidden))[0], rows
+
+
+@torch.no_grad()
+def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Tensor, layers: list[int],
+                      kept: list[torch.Tensor], **image_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_reference`` on the stock embeddings of ``ids``: the prompt (``n_prompt`` tokens,
+    images from ``pixels``) followed by generated tokens, which are never dropped."""
+    mm, lm = model.model, model.model.language_model
+    embeds = lm.embed_tokens(ids[None])
+    feats = mm.get_image_features(pixel_values=pixels, **image_kwargs).pooler_output
+    feats = torch.cat(list(feats)).to(embeds.dtype)
+    is_image = (ids == IMAGE) & (torch.arange(ids.numel()) < n_prompt)
+    embeds = embeds.masked_scatter(is_image[:, None], feats)
+    return lm_reference(model, embeds, torch.arange(ids.numel()), is_image, layers, kept)
+
+
+def _generate(model, ids, pixels, steps, mask=None, **extra):
+    if pixels is not None:
+        extra["pixel_values"] = pixels
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, **extra,
+                         do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)  # (B, S + steps), (B, steps, V)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_full_budget_reproduces_stock_logits_and_remove_restores():
+    model = _llava()
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    with torch.no_grad():
+        stock = model(input_ids=ids, pixel_values=px).logits
+        apply_pio(model, PioConfig(layers=[2], keep=[16]))
+        full = model(input_ids=ids, pixel_values=px).logits
+        sel = last_selection(model)
+        apply_pio_again = pytest.raises(ValueError)
+        with apply_pio_again:
+            apply_pio(model, PioConfig(layers=[2], keep=[16]))
+        remove_pio(model)
+        apply_pio(model, PioConfig(layers=[2], keep=[4]))
+        reduced = model(input_ids=ids, pixel_values=px).logits
+        remove_pio(model)
+        back = model(input_ids=ids, pixel_values=px).logits
+    assert torch.equal(full, stock)
+    assert len(sel) == 1 and sel[0].tolist() == [list(range(3, 19)) + list(range(21, 37))]
+    assert not torch.allclose(reduced[:, -1], stock[:, -1])  # selection changes the model
+    assert torch.equal(back, stock)
+    assert not hasattr(model, "_pio")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("stages", [([2], [5]), ([1, 3, 5], [12, 0.5, 2])], ids=["one", "three"])
+def test_cached_decoding_equals_reduced_model_from_scratch(attn, stages):
+    layers, keep = stages
+    model = _llava(layers=6, attn=attn)
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    seq, logits = _generate(model, ids, px, steps=4)
+    kept = last_selection(model)
+    counts = [k.shape[1] for k in kept]
+    assert counts == ([10] if len(layers) == 1 else [24, 12, 4])
+    for a, b in zip(kept, kept[1:]):
+        assert set(b.tolist()[0]) <= set(a.tolist()[0])
+    ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, layers, [k[0] for k in kept])
+    prompt_rows = (rows < ids.shape[1]).sum()
+    # logits of the last prompt row and of every decoded token, against the same rows from scratch
+    torch.testing.assert_close(logits[0], ref[prompt_rows - 1:], rtol=1e-4, atol=1e-4)
+
+
+def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        mask[b, sl] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sample_alone(side):
+    model = _llava(layers=4)
+    rows = [_prompt([1, 2], 1, [4, 5, 6, 7, 8]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
+    pixels = [_pixels(1, seed=3), _pixels(2, seed=4)]
+    ids, mask = _pad(rows, side)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[6, 0.5]))
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      pixel_values=torch.cat(pixels)).logits
+        sel_batch = last_selection(model)
+        for b, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([r]), pixel_values=pixels[b]).logits[0]
+            sel_alone = last_selection(model)
+            offset = ids.shape[1] - len(r) if side == "left" else 0
+            torch.testing.assert_close(batch[b, offset:offset + len(r)], alone, rtol=1e-5, atol=1e-5)
+            for s_b, s_a in zip(sel_batch, sel_alone):
+                got = s_b[b][s_b[b] >= 0] - offset
+                assert got.tolist() == s_a[0].tolist()
+    assert [s.shape[1] for s in sel_batch] == [12, 6]
+    assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
+
+
+def test_left_padded_generate_equals_each_sample_alone():
+    model = _llava(layers=4)
+    rows = [_prompt([1, 2], 1, [4, 5, 6]), _prompt([1, 2, 3, 9, 10], 2, [4, 5, 6, 7, 8, 11])]
+    pixels = [_pixels(1, seed=3), _pixels(2, seed=4)]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[3]))
+    seq, logits = _generate(model, ids, torch.cat(pixels), steps=3, mask=mask)
+    for b, r in enumerate(rows):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), pixels[b], steps=3)
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_error_within_twice_pytorch_bf16_error():
+    model32 = _llava(layers=4)
+    model16 = _llava(layers=4, dtype=torch.bfloat16)
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])])
+    px = _pixels(2)
+    apply_pio(model16, PioConfig(layers=[1, 3], keep=[8, 3]))
+    seq, logits = _generate(model16, ids, px.bfloat16(), steps=3)
+    kept = [k[0] for k in last_selection(model16)]
+    remove_pio(model16)
+    ref32, rows = reduced_reference(model32, seq[0, :-1], ids.shape[1], px, [1, 3], kept)
+    ref16, _ = reduced_reference(model16, seq[0, :-1], ids.shape[1], px.bfloat16(), [1, 3], kept)
+    n = logits.shape[1]
+    err_pio = (logits[0].float() - ref32[-n:]).abs().max()
+    err_torch = (ref16[-n:].float() - ref32[-n:]).abs().max()
+    assert err_torch > 0  # the comparison would be vacuous otherwise
+    assert err_pio <= 2 * err_torch + 1e-6, (err_pio, err_torch)
+
+
+def test_text_only_prompt_is_untouched():
+    model = _llava(layers=4)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+        apply_pio(model, PioConfig(layers=[1], keep=[2]))
+        out = model(input_ids=ids).logits
+    seq, _ = _generate(model, ids, None, steps=2)
+    remove_pio(model)
+    seq_stock, _ = _generate(model, ids, None, steps=2)
+    assert torch.equal(out, stock)
+    assert torch.equal(seq, seq_stock)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layers=[], keep=[]), dict(layers=[0], keep=[4]), dict(layers=[3, 2], keep=[4, 2]),
+    dict(layers=[2, 2], keep=[4, 2]), dict(layers=[2], keep=[4, 2]), dict(layers=[2], keep=[0]),
+    dict(layers=[2], keep=[1.5]), dict(layers=[2], keep=[0.0]), dict(layers=[1, 2], keep=[2, 4]),
+    dict(layers=[2], keep=["4"]), dict(layers=[2.0], keep=[4]), dict(layers=[2], keep=[4], tau=float("nan")),
+    dict(layers=[2], keep=[4], num_positions=0), dict(layers=[2], keep=[4], encoder_keep=0),
+    dict(layers=[2], keep=[8], encoder_keep=4), dict(layers=[2], keep=[True]),
+])
+def test_bad_configs_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        PioConfig(**kwargs)
+
+
+def test_schedule_past_the_last_layer_and_unsupported_models():
+    model = _llava(layers=4)
+    with pytest.raises(ValueError, match="layers"):
+        apply_pio(model, PioConfig(layers=[4], keep=[2]))
+    assert not hasattr(model, "_pio")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, vocab_size=50))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        apply_pio(llama, PioConfig(layers=[1], keep=[2]))
+    with pytest.raises(TypeError, match="PioConfig"):
+        apply_pio(model, {"layers": [1], "keep": [2]})
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaVA-NeXT: anyres crops, unpadding and newline tokens give every image its own token count
+def _llava_next(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=7)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default")
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+NEXT_SIZES = torch.tensor([[28, 56], [50, 30], [56, 56]])  # 52, 56 and 88 tokens
+
+
+def _next_inputs(model, images: list[int], seed: int = 5):
+    """Pixel values (n, 5, 3, 28, 28), image sizes and per-image token counts for NEXT_SIZES[images]."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(images), 5, 3, 28, 28, generator=g)
+    sizes = NEXT_SIZES[images]
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output]
+    return pixels, sizes, counts
+
+
+def _next_prompt(counts: list[int], before=(1, 2), after=(4, 5, 6, 7)) -> list[int]:
+    ids = list(before)
+    for i, n in enumerate(counts):
+        ids += ([7, 8] if i else []) + [IMAGE] * n
+    return ids + list(after)
+
+
+def test_llava_next_varying_counts_fraction_budgets_and_padded_batch():
+    model = _llava_next()
+    px0, sz0, c0 = _next_inputs(model, [0])
+    px1, sz1, c1 = _next_inputs(model, [1, 2], seed=6)
+    assert c0 + c1 == [52, 56, 88]
+    rows = [_next_prompt(c0), _next_prompt(c1, before=(1, 2, 3))]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[0.25]))
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      pixel_values=torch.cat([px0, px1]), image_sizes=torch.cat([sz0, sz1])).logits
+        sel = last_selection(model)[0]
+        assert ((sel >= 0).sum(1)).tolist() == [13, 14 + 22]
+        for b, (r, px, sz) in enumerate(zip(rows, (px0, px1), (sz0, sz1))):
+            alone = model(input_ids=torch.tensor([r]), pixel_values=px, image_sizes=sz).logits[0]
+            offset = ids.shape[1] - len(r)
+            torch.testing.assert_close(batch[b, offset:], alone, rtol=1e-5, atol=1e-5)
+            assert (sel[b][sel[b] >= 0] - offset).tolist() == last_selection(model)[0][0].tolist()
+
+
+def test_llava_next_cached_decoding_equals_reduced_model_from_scratch():
+    model = _llava_next(layers=4)
+    px, sz, counts = _next_inputs(model, [1, 2])
+    ids = torch.tensor([_next_prompt(counts)])
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[30, 0.5]))
+    seq, logits = _generate(model, ids, px, steps=3, image_sizes=sz)
+    kept = last_selection(model)
+    assert [k.shape[1] for k in kept] == [60, 30]
+    ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, [1, 3], [k[0] for k in kept],
+                                  image_sizes=sz)
+    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder-side selection (SPEC 4), LLaVA-1.5: an 8 x 8 patch grid, windows of 2 x 2 (16 windows)
+def _llava_encoder(attn: str = "sdpa"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=9, num_attention_heads=4,
+                              image_size=56, patch_size=7)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def _enc_prompt(images: int, before=(1, 2, 3), after=(4, 5, 6, 7, 8)) -> list[int]:
+    ids = list(before)
+    for i in range(images):
+        ids += ([7, 8] if i else []) + [IMAGE] * 64
+    return ids + list(after)
+
+
+def _enc_pixels(n: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_encoder_selection(model, pixels: torch.Tensor, budget: int) -> list[list[int]]:
+    """Kept patches per image from full eager attention maps (the literal SPEC 4 recipe)."""
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            maps = tower(pixels, output_attentions=True, return_dict=True).attentions
+    finally:
+        tower.config._attn_implementation = impl
+    shallow = maps[5][:, :, 0, 1:].mean(1)          # layer 5
+    deep = maps[len(maps) - 2][:, :, 0, 1:].mean(1)  # the layer producing hidden_states[-2]
+    out = []
+    for i in range(pixels.shape[0]):
+        per_window = (budget // 2) // 16
+        local = []
+        for wy in range(4):
+            for wx in range(4):
+                cells = [(2 * wy + dy) * 8 + 2 * wx + dx for dy in range(2) for dx in range(2)]
+                cells.sort(key=lambda c: (-float(shallow[i, c]), c))
+                local += cells[:per_window]
+        rest = sorted((c for c in range(64) if c not in local), key=lambda c: (-float(deep[i, c]), c))
+        out.append(sorted(local + rest[:budget - len(local)]))
+    return out
+
+
+def _lm_inputs(model) -> list:
+    """Records the inputs_embeds of every language-model call."""
+    seen = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
+    return seen
+
+
+def test_encoder_full_budget_reproduces_stock_logits():
+    model = _llava_encoder()
+    ids, px = torch.tensor([_enc_prompt(2)]), _enc_pixels(2)
+    with torch.no_grad():
+        stock = model(input_ids=ids, pixel_values=px).logits
+        apply_pio(model, PioConfig(layers=[2], keep=[1.0], encoder_keep=64))
+        out = model(input_ids=ids, pixel_values=px).logits
+    assert torch.equal(out, stock)
+    assert last_selection(model, encoder=True)[0].tolist() == list(range(3, 67)) + list(range(69, 133))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_encoder_selection_counts_split_and_merging_means(attn):
+    model = _llava_encoder(attn)
+    ids, px = torch.tensor([_enc_prompt(2)]), _enc_pixels(2)
+    with torch.no_grad():
+        stock_feats = model.model.get_image_features(pixel_values=px).pooler_output
+    expected = _expected_encoder_selection(model, px, 40)
+    apply_pio(model, PioConfig(layers=[2], keep=[10], encoder_keep=40))
+    seen = _lm_inputs(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px).logits
+    enc = last_selection(model, encoder=True)[0]
+    assert out.shape[1] == ids.shape[1]  # logits line up with the caller's rows
+    assert enc.numel() == 80
+    starts = (3, 69)
+    got = [(enc[(enc >= s) & (enc < s + 64)] - s).tolist() for s in starts]
+    assert got == expected
+    lm_in = seen[0][0]
+    assert lm_in.shape[0] == ids.shape[1] - 2 * 24
+    visual_rows = torch.cat([torch.arange(3, 43), torch.arange(45, 85)])  # LM rows of the kept tokens
+    for i, kept in enumerate(got):
+        feats = stock_feats[i].float()
+        unit = torch.nn.functional.normalize(feats, dim=-1)
+        dropped = [c for c in range(64) if c not in kept]
+        target = (unit[dropped] @ unit[kept].T).argmax(1)
+        want = feats[kept].clone()
+        for j, kept_j in enumerate(kept):
+            members = [feats[kept_j]] + [feats[d] for d, t in zip(dropped, target.tolist()) if t == j]
+            want[j] = torch.stack(members).mean(0)
+        torch.testing.assert_close(lm_in[visual_rows[40 * i:40 * (i + 1)]], want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_selection_cached_decoding_equals_reduced_model_from_scratch():
+    model = _llava_encoder()
+    ids, px = torch.tensor([_enc_prompt(2)]), _enc_pixels(2)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[20, 6], encoder_keep=0.5))
+    seen = _lm_inputs(model)
+    seq, logits = _generate(model, ids, px, steps=3)
+    enc = last_selection(model, encoder=True)[0]
+    kept = [k[0] for k in last_selection(model)]
+    assert enc.numel() == 64 and [k.numel() for k in kept] == [40, 12]
+    lm = model.model.language_model
+    prompt_rows = torch.cat([torch.tensor([0, 1, 2]), enc[:32], torch.tensor([67, 68]), enc[32:],
+                             torch.arange(133, 138)])
+    generated = seq[0, ids.shape[1]:-1]
+    with torch.no_grad():
+        embeds = torch.cat([seen[0], lm.embed_tokens(generated[None])], dim=1)
+    rows = torch.cat([prompt_rows, torch.arange(ids.shape[1], ids.shape[1] + generated.numel())])
+    is_image = torch.zeros(rows.numel(), dtype=torch.bool)
+    is_image[3:35] = True
+    is_image[37:69] = True
+    ref, _ = lm_reference(model, embeds, rows, is_image, [1, 3], kept)
+    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_selection_left_padded_batch_equals_each_sample_alone():
+    model = _llava_encoder()
+    rows = [_enc_prompt(1, before=(1, 2)), _enc_prompt(2)]
+    pixels = [_enc_pixels(1, seed=3), _enc_pixels(2, seed=4)]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[8], encoder_keep=24))
+    seq, logits = _generate(model, ids, torch.cat(pixels), steps=3, mask=mask)
+    enc = last_selection(model, encoder=True)
+    for b, r in enumerate(rows):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), pixels[b], steps=3)
+        offset = ids.shape[1] - len(r)
+        assert (enc[b][enc[b] >= 0] - offset).tolist() == last_selection(model, encoder=True)[0].tolist()
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_selection_is_refused_where_unsupported():
+    with pytest.raises(ValueError, match="encoder_keep"):
+        apply_pio(_llava_next(), PioConfig(layers=[2], keep=[8], encoder_keep=24))
