@@ -1,0 +1,550 @@
+"""Qwen2.5-VL integration (issue 6) on tiny random-weight models built from configs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pio_kernels.integrations import qwen2_5_vl as qwen
+from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
+
+
+# ---------------------------------------------------------------- encoder side, pieces
+
+def _brute_window_global(local, global_, h, w, budget, window):
+    """The greedy walk of SPEC section 4 written out literally."""
+    n_local = budget // 2
+    windows_h, windows_w = max(1, h // window), max(1, w // window)
+    cap = math.ceil(n_local / (windows_h * windows_w))
+    count, keep = {}, []
+    by_local = sorted(range(h * w), key=lambda i: (-float(local[i]), i))
+    for i in by_local:
+        if len(keep) == n_local:
+            break
+        win = (min(i // w // window, windows_h - 1), min(i % w // window, windows_w - 1))
+        if count.get(win, 0) < cap:
+            count[win] = count.get(win, 0) + 1
+            keep.append(i)
+    for i in by_local:
+        if len(keep) == n_local:
+            break
+        if i not in keep:
+            keep.append(i)
+    for i in sorted(range(h * w), key=lambda i: (-float(global_[i]), i)):
+        if len(keep) == budget:
+            break
+        if i not in keep:
+            keep.append(i)
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("h,w,budget,window", [(6, 10, 12, 4), (2, 2, 3, 4), (8, 8, 20, 4), (4, 6, 7, 2),
+                                               (6, 6, 35, 4), (10, 3, 9, 4), (5, 7, 1, 4), (4, 4, 16, 4)])
+def test_window_global_selection_matches_greedy_walk(h, w, budget, window):
+    g = torch.Generator().manual_seed(h * 100 + w)
+    local = torch.rand(h * w, generator=g)
+    global_ = torch.rand(h * w, generator=g)
+    local[3 % (h * w)] = local[0]  # a tie
+    kept = qwen.window_global_selection(local, global_, h, w, budget, window)
+    assert kept.tolist() == _brute_window_global(local, global_, h, w, min(budget, h * w), window)
+
+
+def test_window_global_selection_spreads_local_half():
+    # The local map is largest in one window; the local half still takes one token per window
+    # (the lowest index where a window is all ties), the global half the top of its own map.
+    h = w = 8
+    local = torch.zeros(h, w)
+    local[:4, :4] = 10 + torch.arange(16.0).view(4, 4)
+    kept = qwen.window_global_selection(local.flatten(), torch.arange(h * w, dtype=torch.float), h, w,
+                                        budget=8, window=4)
+    assert kept.tolist() == [4, 27, 32, 36, 60, 61, 62, 63]
+
+
+def test_merge_into_kept_is_mean_of_nearest():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g)
+    keep = torch.tensor([1, 4, 7])
+    out = qwen.merge_into_kept(x, keep)
+    groups = {int(k): [x[k]] for k in keep}
+    for i in range(9):
+        if i in keep.tolist():
+            continue
+        sims = [float(F.cosine_similarity(x[i], x[k], dim=0)) for k in keep]
+        groups[int(keep[max(range(3), key=lambda j: sims[j])])].append(x[i])
+    expected = torch.stack([torch.stack(groups[int(k)]).mean(0) for k in keep])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(qwen.merge_into_kept(x, torch.arange(9)), x)
+
+
+def test_vision_column_scores_match_full_attention_map():
+    model = make_model(attn="eager")
+    block = model.model.visual.blocks[1]
+    n, cu = 40, torch.tensor([0, 16, 40], dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 32, generator=g)
+    angles = torch.randn(n, 8, generator=g)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    scores = qwen.vision_column_scores(block.attn, x, cu, (cos, sin))
+    # Reference: the whole block-diagonal map, materialised.
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    q, k, _ = block.attn.qkv(x).reshape(n, 3, 2, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    logits = torch.einsum("qhd,khd->hqk", q, k) * block.attn.scaling
+    same = torch.zeros(n, n, dtype=torch.bool)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        same[s:e, s:e] = True
+    probs = logits.masked_fill(~same, float("-inf")).softmax(-1)  # (H, N, N)
+    seg_len = same.sum(0).float()
+    expected = probs.sum(dim=(0, 1)) / (2 * seg_len)
+    torch.testing.assert_close(scores, expected)
+    old = qwen._SCORE_CHUNK_ELEMENTS
+    try:  # several query chunks per segment
+        qwen._SCORE_CHUNK_ELEMENTS = 2 * 2 * 24
+        torch.testing.assert_close(qwen.vision_column_scores(block.attn, x, cu, (cos, sin)), expected)
+    finally:
+        qwen._SCORE_CHUNK_ELEMENTS = old
+
+
+# ---------------------------------------------------------------- a from-scratch reduced model
+
+def _lm_inputs(model, inputs):
+    """What the stock model hands its language model: embeddings, (3, B, S) positions, mask."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    pos = captured["position_ids"]
+    pos = pos[1:] if pos.shape[0] == 4 else pos
+    return captured["inputs_embeds"], pos, captured["attention_mask"], model.model.rope_deltas.clone()
+
+
+def _visual_ids(model, inputs):
+    """(B, S) id of the image or video frame of each row, -1 for text: from runs and grids."""
+    ids = inputs["input_ids"]
+    out = torch.full(ids.shape, -1, dtype=torch.long)
+    next_id = 0
+    cfg = model.config
+    for token, key in ((cfg.image_token_id, "image_grid_thw"), (cfg.video_token_id, "video_grid_thw")):
+        sizes = [] if key not in inputs else \
+            [h * w // 4 for t, h, w in inputs[key].tolist() for _ in range(t)]
+        it = iter(sizes)
+        for b in range(ids.shape[0]):
+            s = 0
+            while s < ids.shape[1]:
+                if ids[b, s] == token:
+                    n = next(it)
+                    out[b, s:s + n] = next_id
+                    next_id += 1
+                    s += n
+                else:
+                    s += 1
+    return out
+
+
+def _causal(n, dtype):
+    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+
+
+def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection=None, tau=0.8, k=4,
+                      encoder_keep=None):
+    """Logits of the reduced model computed from scratch, one unpadded sample at a time, no cache.
+
+    Uses the stock modules only and ``pio_kernels.reference`` for the selection (when
+    ``selection`` is None). Returns ``(logits, selection)``: per sample a dict
+    {caller row: logits (V,)} for the rows reaching the head (new tokens are rows
+    S, S+1, ...), and per stage per sample the kept visual caller rows (sorted list).
+    """
+    from pio_kernels import reference
+    from pio_kernels.integrations.engine import resolve_budget
+    lm = model.model.language_model
+    embeds, pos, mask, deltas = _lm_inputs(model, inputs)
+    vis = _visual_ids(model, inputs)
+    encoded = None
+    if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
+        encoded = qwen.encoder_selection(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"],
+                                         lambda n: resolve_budget(encoder_keep, n))
+    batch, seq_len = mask.shape
+    out_logits, out_sel = [], [[] for _ in layers]
+    for b in range(batch):
+        rows = mask[b].nonzero().flatten()
+        x = embeds[b, rows]
+        p = pos[:, b, rows]
+        caller = rows.clone()
+        ids = vis[b, rows]
+        n_prompt = rows.numel()
+        if new_tokens is not None:
+            t = new_tokens.shape[1]
+            x = torch.cat([x, lm.embed_tokens(new_tokens[b])])
+            p_new = (n_prompt + torch.arange(t) + deltas[b]).expand(3, t)
+            p = torch.cat([p, p_new], dim=1)
+            caller = torch.cat([caller, seq_len + torch.arange(t)])
+            ids = torch.cat([ids, torch.full((t,), -1)])
+        cur = torch.arange(x.shape[0])  # rows of this sample still present
+        if encoded is not None:
+            x = x.clone()
+            present = torch.ones(x.shape[0], dtype=torch.bool)
+            for image in ids.unique().tolist():
+                if 0 <= image < len(encoded[0]):
+                    r = (ids == image).nonzero().flatten()
+                    x[r[encoded[1][image]]] = encoded[0][image].to(x.dtype)
+                    present[r] = False
+                    present[r[encoded[1][image]]] = True
+            cur = cur[present]
+        h = x[cur][None]
+        with torch.no_grad():
+            for li, layer in enumerate(lm.layers):
+                if li in layers:
+                    s = layers.index(li)
+                    cos, sin = lm.rotary_emb(h, p[:, None, cur])
+                    is_prompt = cur < n_prompt
+                    if selection is None:
+                        hp = h[:, is_prompt]
+                        scores = reference.proxy_saliency(layer, lm.norm, model.lm_head, hp,
+                                                          (cos[:, is_prompt], sin[:, is_prompt]), num_positions=k)[0]
+                        keep_rows = torch.ones(cur.numel(), dtype=torch.bool)
+                        for image in ids[cur].unique().tolist():
+                            if image < 0:
+                                continue
+                            r = (ids[cur] == image).nonzero().flatten()
+                            budget = resolve_budget(keep[s], r.numel())
+                            picked = reference.select_tokens(hp[:, r], scores[None, r], budget, tau)[0]
+                            keep_rows[r] = False
+                            keep_rows[r[picked[picked >= 0]]] = True
+                    else:
+                        wanted = set(selection[s][b])
+                        keep_rows = torch.tensor([ids[c] < 0 or int(caller[c]) in wanted for c in cur.tolist()])
+                    cur = cur[keep_rows]
+                    h = h[:, keep_rows]
+                    out_sel[s].append(sorted(int(caller[c]) for c in cur.tolist() if ids[c] >= 0))
+                pe = lm.rotary_emb(h, p[:, None, cur])
+                y = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=pe)
+                h = y[0] if isinstance(y, tuple) else y
+            logits = model.lm_head(lm.norm(h))[0]
+        out_logits.append({int(caller[c]): logits[i] for i, c in enumerate(cur.tolist())})
+    return out_logits, out_sel
+
+
+def _selection_lists(model):
+    from pio_kernels.integrations import last_selection
+    return [[[int(v) for v in row if v >= 0] for row in stage] for stage in last_selection(model)]
+
+
+# ---------------------------------------------------------------- the integration, language side
+
+import copy  # noqa: E402
+
+from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio  # noqa: E402
+
+SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6]]  # several images of different sizes
+_MODELS: dict = {}
+
+
+def _model(attn="sdpa", dtype=torch.float32, layers=4):
+    key = (attn, dtype, layers)
+    if key not in _MODELS:
+        _MODELS[key] = make_model(attn=attn, layers=layers, dtype=dtype)
+    model = _MODELS[key]
+    remove_pio(model)
+    return model
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _assert_rows_close(out, ref, **tol):
+    for b, rows in enumerate(ref):
+        for r, expected in rows.items():
+            torch.testing.assert_close(out[b, r].float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("keep", [[1.0], [1000]])
+def test_full_budget_reproduces_stock_logits(attn, padding_side, keep):
+    model = _model(attn)
+    inputs = make_inputs(SAMPLES, padding_side=padding_side)
+    stock = _logits(model, inputs)
+    apply_pio(model, PioConfig(layers=[2], keep=keep))
+    try:
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        assert [s.shape[1] for s in last_selection(model)] == [7]  # 6 + 1 image tokens
+    finally:
+        remove_pio(model)
+    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("layers,keep", [([2], [0.34]), ([1, 2, 3], [0.75, 2, 1]), ([1, 3], [0.5, 0.34])])
+def test_prefill_matches_reduced_model_from_scratch(attn, padding_side, layers, keep):
+    model = _model(attn)
+    inputs = make_inputs(SAMPLES, padding_side=padding_side, seed=1)
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        out = _logits(model, inputs)
+        assert _selection_lists(model) == ref_sel
+    finally:
+        remove_pio(model)
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_budgets_count_per_image():
+    model = _model()
+    inputs = make_inputs(SAMPLES)  # images of 6, 6 and 1 tokens
+    apply_pio(model, PioConfig(layers=[1, 2], keep=[0.5, 2]))
+    try:
+        _logits(model, inputs)
+        first, second = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    assert [len(r) for r in first] == [3, 3 + 1]  # round-half-up of half, at least 1
+    assert [len(r) for r in second] == [2, 2 + 1]
+    image = inputs["input_ids"] == IMAGE
+    for b, rows in enumerate(first):
+        assert all(bool(image[b, r]) for r in rows)
+        assert set(second[b]) <= set(rows)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_equals_single_samples(padding_side):
+    model = _model()
+    layers, keep = [1, 3], [0.5, 0.34]
+    samples = SAMPLES + [[7, (2, 4)]]
+    batch = make_inputs(samples, padding_side=padding_side, seed=2)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        out = _logits(model, batch)
+        sel = _selection_lists(model)
+        mask = batch["attention_mask"]
+        for b in range(mask.shape[0]):
+            rows = mask[b].nonzero().flatten()
+            offset = int(rows[0])
+            single = {k: v[b:b + 1, rows] for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                             "mm_token_type_ids")}
+            # this sample's images and pixels
+            images = [sum(isinstance(seg, tuple) for seg in sample) for sample in samples]
+            first, mine = sum(images[:b]), images[b]
+            patches = [int(g.prod()) for g in batch["image_grid_thw"]]
+            start = sum(patches[:first])
+            single["image_grid_thw"] = batch["image_grid_thw"][first:first + mine]
+            single["pixel_values"] = batch["pixel_values"][start:start + sum(patches[first:first + mine])]
+            alone = _logits(model, single)
+            assert _selection_lists(model) == [[[r - offset for r in stage[b]]] for stage in sel]
+            kept_rows = [r for r in range(rows.numel()) if bool(alone[0, r].abs().sum() > 0)]
+            torch.testing.assert_close(out[b, rows[kept_rows]], alone[0, kept_rows], rtol=1e-4, atol=1e-4)
+    finally:
+        remove_pio(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decode_equals_reduced_model_from_scratch(attn):
+    model = _model(attn)
+    layers, keep = [1, 3], [0.5, 0.34]
+    inputs = make_inputs(SAMPLES, padding_side="left", seed=3)
+    seq_len = inputs["input_ids"].shape[1]
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    new = gen.sequences[:, seq_len:]
+    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel)
+    for step, logits in enumerate(gen.logits):
+        for b in range(len(SAMPLES)):
+            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+    # greedy decoding follows the reduced model's own argmax
+    for step in range(new.shape[1]):
+        assert new[:, step].tolist() == [int(ref[b][seq_len - 1 + step].argmax()) for b in range(len(SAMPLES))]
+
+
+def test_text_only_prompt_is_untouched():
+    model = _model()
+    inputs = make_inputs([[9], [5]], padding_side="left")
+    stock = _logits(model, inputs)
+    stock_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    apply_pio(model, PioConfig(layers=[1], keep=[0.3]))
+    try:
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        assert last_selection(model) == []
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), stock_gen)
+    finally:
+        remove_pio(model)
+
+
+def test_video_frames_are_selected_per_frame():
+    model = _model()
+    samples = [[2, (2, 4, 4), 3, (4, 4), 5]]  # a 2-frame video (4 tokens a frame) and an image
+    inputs = make_inputs(samples, seed=4)
+    layers, keep = [2], [0.5]
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        out = _logits(model, inputs)
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    assert sel == ref_sel and len(sel[0][0]) == 2 + 2 + 2
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_within_twice_torch_error():
+    """Flash-attention rule: the bf16 integration is no further from fp32 than PyTorch's bf16 is."""
+    model = make_model(dtype=torch.bfloat16)
+    model32 = copy.deepcopy(model).float()
+    layers, keep = [1, 3], [0.5, 0.34]
+    inputs = make_inputs(SAMPLES, seed=5, dtype=torch.bfloat16)
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    out = _logits(model, inputs)
+    sel = _selection_lists(model)
+    remove_pio(model)
+    ref32, _ = reference_reduced(model32, {**inputs, "pixel_values": inputs["pixel_values"].float()}, layers,
+                                 keep, selection=sel)
+    ref16, _ = reference_reduced(model, inputs, layers, keep, selection=sel)
+    for b, rows in enumerate(ref32):
+        for r, expected in rows.items():
+            ours = (out[b, r].float() - expected).abs().max()
+            torch_err = (ref16[b][r].float() - expected).abs().max()
+            assert ours <= 2 * torch_err + 1e-2, (b, r, float(ours), float(torch_err))
+
+
+# ---------------------------------------------------------------- encoder side on the real tower
+
+def _reference_tower_scores(model, pixel_values, grid_thw, blocks):
+    """Column means of the attention at ``blocks``, from materialised eager attention weights,
+    in the tower's output order (the permutation recovered by matching merger rows)."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
+    visual = model.model.visual
+    current, weights = {}, {b: [] for b in blocks}
+    original = mq.eager_attention_forward
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        out, w = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if current.get("block") in weights:
+            weights[current["block"]].append(w[0].float())  # (H, n, n) of one segment
+        return out, w
+
+    handles = [blk.register_forward_pre_hook(lambda m, a, i=i: current.update(block=i))
+               for i, blk in enumerate(visual.blocks)]
+    impl = visual.config._attn_implementation
+    visual.config._attn_implementation = "eager"
+    mq.eager_attention_forward = recording
+    try:
+        with torch.no_grad():
+            out = visual(pixel_values, grid_thw=grid_thw)
+    finally:
+        mq.eager_attention_forward = original
+        visual.config._attn_implementation = impl
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        window_order = visual.merger(out.last_hidden_state)
+    pooled = out.pooler_output
+    perm = torch.tensor([int((window_order == row).all(1).nonzero()[0]) for row in pooled])
+    result = []
+    for b in blocks:
+        col = torch.cat([w.mean(0).mean(0) for w in weights[b]])  # heads, then queries
+        result.append(col.view(-1, 4).mean(1)[perm])
+    return result, pooled
+
+
+@pytest.mark.parametrize("keep", [0.34, 3])
+def test_encoder_selection_matches_materialised_attention(keep):
+    from pio_kernels.integrations.engine import resolve_budget
+    model = _model()
+    inputs = make_inputs([[2, (8, 8), 1, (4, 6), 1, (2, 2), 3, (2, 4, 4)]], seed=6)
+    pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
+    grid = torch.cat([inputs["image_grid_thw"], inputs["video_grid_thw"]])
+    visual = model.model.visual
+    blocks = qwen.default_score_blocks(visual)
+    assert blocks == (1, 3)
+    budget = lambda n: resolve_budget(keep, n)  # noqa: E731
+    frames, kept = qwen.encoder_selection(visual, pixels, grid, budget)
+    (local, global_), pooled = _reference_tower_scores(model, pixels, grid, blocks)
+    sizes = [(4, 4), (2, 3), (1, 1), (2, 2), (2, 2)]  # merged grids; the video has two frames
+    assert len(frames) == len(kept) == len(sizes)
+    start = 0
+    for (h, w), feats, k in zip(sizes, frames, kept):
+        rows = slice(start, start + h * w)
+        expected = qwen.window_global_selection(local[rows], global_[rows], h, w, budget(h * w))
+        assert k.tolist() == expected.tolist() and k.numel() == min(h * w, budget(h * w))
+        torch.testing.assert_close(feats, qwen.merge_into_kept(pooled[rows], k))
+        start += h * w
+    assert start == pooled.shape[0]
+
+
+# ---------------------------------------------------------------- the integration with encoder-side selection
+
+@pytest.mark.parametrize("encoder_keep", [1.0, 1000])
+def test_full_encoder_budget_reproduces_stock_logits(encoder_keep):
+    model = _model()
+    inputs = make_inputs(SAMPLES, seed=7)
+    stock = _logits(model, inputs)
+    apply_pio(model, PioConfig(layers=[2], keep=[1.0], encoder_keep=encoder_keep))
+    try:
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        assert last_selection(model, encoder=True).shape == (2, 7)
+    finally:
+        remove_pio(model)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("encoder_keep,keep", [(0.5, [0.5, 0.34]), (3, [2, 1])])
+def test_encoder_selection_matches_reduced_model_from_scratch(attn, padding_side, encoder_keep, keep):
+    model = _model(attn)
+    samples = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6, (2, 4, 4), 2]]  # images of 6, 6, 1 tokens; a video
+    inputs = make_inputs(samples, padding_side=padding_side, seed=8)
+    layers = [1, 3]
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep, encoder_keep=encoder_keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        out = _logits(model, inputs)
+        sel = _selection_lists(model)
+        enc = [[int(v) for v in row if v >= 0] for row in last_selection(model, encoder=True)]
+    finally:
+        remove_pio(model)
+    assert sel == ref_sel
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+    # per image resolve_budget(encoder_keep, n) tokens leave the encoder; video frames pass whole
+    image = inputs["input_ids"] == IMAGE
+    n_kept_images = [sum(bool(image[b, r]) for r in rows) for b, rows in enumerate(enc)]
+    from pio_kernels.integrations.engine import resolve_budget
+    expected = [resolve_budget(encoder_keep, 6), resolve_budget(encoder_keep, 6) + 1]
+    assert n_kept_images == expected
+    assert len(enc[1]) - n_kept_images[1] == 8  # the video's two frames of 4 tokens
+    assert all(set(stage[b]) <= set(enc[b]) for stage in sel for b in range(2))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_encoder_selection_cached_decode_equals_from_scratch(attn):
+    model = _model(attn)
+    layers, keep, encoder_keep = [2], [0.5], 0.5
+    inputs = make_inputs(SAMPLES, padding_side="left", seed=9)
+    seq_len = inputs["input_ids"].shape[1]
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    new = gen.sequences[:, seq_len:]
+    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel,
+                               encoder_keep=encoder_keep)
+    for step, logits in enumerate(gen.logits):
+        for b in range(len(SAMPLES)):
+            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
