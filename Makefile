@@ -37,14 +37,17 @@ bench: install
 	$(VPY) benchmarks/e2e.py
 
 # Syntax check of the CUDA sources where nvcc exists, so a broken kernel cannot land
-# unnoticed on a CPU-only CI machine.
+# unnoticed on a CPU-only CI machine. A CPU-only torch ships the c10/cuda headers
+# without the generated cuda_cmake_macros.h: a one-line stand-in is put on the path.
 check-cuda: $(DEPS)
 	@if command -v nvcc >/dev/null 2>&1 && [ -n "$(wildcard csrc/cuda/*.cu)" ]; then \
 	  inc=$$($(VPY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
+	  stub=$$(mktemp -d); mkdir -p $$stub/c10/cuda/impl; \
+	  echo '#define C10_CUDA_BUILD_SHARED_LIBS' > $$stub/c10/cuda/impl/cuda_cmake_macros.h; \
 	  for f in $(wildcard csrc/cuda/*.cu); do \
 	    echo "nvcc -c $$f"; \
-	    nvcc -std=c++20 --expt-relaxed-constexpr -arch=sm_90 $$inc -I$$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") -c $$f -o /dev/null || exit 1; \
-	  done; \
+	    nvcc -std=c++20 --expt-relaxed-constexpr -arch=sm_90 $$inc -I$$stub -I$$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") -c $$f -o /dev/null || { rm -rf $$stub; exit 1; }; \
+	  done; rm -rf $$stub; \
 	else echo "check-cuda: no nvcc or no .cu sources, skipped"; fi
 
 clean:

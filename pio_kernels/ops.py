@@ -6,16 +6,20 @@ themselves per device when ``pio_kernels._C`` loads. When the extension was not 
 PyTorch paths, so ``torch.ops.pio.select_tokens`` always exists.
 
 Dispatch order per device: compiled kernel (C++ / CUDA) -> Triton -> PyTorch.
+``select_tokens(..., backend=...)`` forces one path (tests, benchmarks);
+``available_backends(device)`` lists the paths that can run on a device.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import torch
 
 from pio_kernels import reference
 
-__all__ = ["HAS_EXTENSION", "select_tokens"]
+__all__ = ["BACKENDS", "HAS_EXTENSION", "available_backends", "select_tokens"]
 
 # Must match csrc/pio.cpp; used only when the compiled extension is absent.
 _SELECT_TOKENS_SCHEMA = ("select_tokens(Tensor features, Tensor scores, int budget, float tau=0.8, "
@@ -35,6 +39,34 @@ except ImportError as exc:  # built without a compiler, or PIO_NO_EXTENSION=1
 
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"pio::{op}", key)
+
+
+# Paths of select_tokens that can be forced; None lets the dispatcher choose.
+BACKENDS = ("cpp", "cuda", "triton", "torch")
+# Compiled kernels, recorded before the Python fallbacks below fill the missing keys.
+_COMPILED = {key: _has_kernel("select_tokens", key) for key in ("CPU", "CUDA")}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton runs on CUDA, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before import."""
+    if not _HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The ``select_tokens`` backends that can run on ``device``, in dispatch order."""
+    device = torch.device(device)
+    paths = []
+    if device.type == "cpu" and _COMPILED["CPU"]:
+        paths.append("cpp")
+    if device.type == "cuda" and _COMPILED["CUDA"]:
+        paths.append("cuda")
+    if _triton_runs_on(device):
+        paths.append("triton")
+    paths.append("torch")
+    return paths
 
 
 def _check_select_tokens_args(features: torch.Tensor, scores: torch.Tensor, budget: int, tau: float,
@@ -84,7 +116,7 @@ def _check_lengths_values(lengths: torch.Tensor | None, n: int) -> None:
 
 
 def select_tokens(features: torch.Tensor, scores: torch.Tensor, budget: int, tau: float = 0.8,
-                  lengths: torch.Tensor | None = None) -> torch.Tensor:
+                  lengths: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
     """Keeps ``budget`` tokens per row: greedy cosine NMS in saliency order (SPEC section 3).
 
     Args:
@@ -95,14 +127,22 @@ def select_tokens(features: torch.Tensor, scores: torch.Tensor, budget: int, tau
         budget: tokens kept per row, >= 1.
         tau: a token is suppressed by a kept token whose cosine with it is >= ``tau``.
             ``tau > 1`` gives plain top-k.
-        lengths: (B,) int64, valid tokens per row (ragged batches); default N.
+        lengths: (B,) int64, valid tokens per row (ragged batches); default N. Values out of
+            [0, N] raise ValueError on CPU and on the ``"torch"`` path; the device paths
+            (``"cuda"``, ``"triton"`` on a GPU) clamp them instead, since checking would sync.
+        backend: None (default) lets the dispatcher choose: the compiled kernel of the
+            device, else on CUDA the Triton path, else PyTorch. ``"cpp"`` (compiled CPU
+            kernel), ``"cuda"`` (compiled CUDA kernel), ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or ``"torch"`` (the reference loop, host-side) force a
+            path; see ``available_backends(device)``.
 
     Returns:
         (B, budget) int64 (or (budget,) for 2-D input): kept positions in ascending order;
         a row with no more than ``budget`` valid tokens keeps them all and is padded with -1.
 
     Raises:
-        TypeError / ValueError naming the offending argument.
+        TypeError / ValueError naming the offending argument (also an unknown or
+        unavailable ``backend``).
     """
     unbatched = isinstance(features, torch.Tensor) and features.dim() == 2
     if unbatched:
@@ -112,8 +152,25 @@ def select_tokens(features: torch.Tensor, scores: torch.Tensor, budget: int, tau
             raise ValueError("lengths is only meaningful for batched (B, N, D) features")
         features, scores = features[None], scores[None]
     _check_select_tokens_args(features, scores, budget, tau, lengths)
-    out = torch.ops.pio.select_tokens(features, scores, budget, float(tau), lengths)
+    if backend is None:
+        out = torch.ops.pio.select_tokens(features, scores, budget, float(tau), lengths)
+    else:
+        out = _run_backend(backend, features, scores, budget, float(tau), lengths)
     return out[0] if unbatched else out
+
+
+def _run_backend(backend, features, scores, budget, tau, lengths):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    device = features.device
+    if backend not in available_backends(device):
+        raise ValueError(f"backend {backend!r} is not available for {device.type} tensors here "
+                         f"(available: {available_backends(device)})")
+    if backend in ("cpp", "cuda"):  # the compiled kernel of this device, through the dispatcher
+        return torch.ops.pio.select_tokens(features, scores, budget, tau, lengths)
+    if backend == "triton":
+        return _select_tokens_triton(features, scores, budget, tau, lengths)
+    return _select_tokens_torch(features, scores, budget, tau, lengths)
 
 
 @torch.library.register_fake("pio::select_tokens")
@@ -131,6 +188,24 @@ def _select_tokens_torch(features, scores, budget, tau=0.8, lengths=None):
     return reference.select_tokens(features, scores, budget, tau, lengths)
 
 
-for _key in ("CPU", "CUDA"):
-    if not _has_kernel("select_tokens", _key):
-        torch.library.impl("pio::select_tokens", _key)(_select_tokens_torch)
+def _select_tokens_triton(features, scores, budget, tau=0.8, lengths=None):
+    """Triton path (pio_kernels/triton/select_tokens.py); lengths are checked on CPU, clamped on CUDA."""
+    from pio_kernels.triton import select_tokens as triton_select_tokens
+
+    _check_select_tokens_args(features, scores, budget, tau, lengths)
+    if features.device.type == "cpu":
+        _check_lengths_values(lengths, features.shape[1])
+    return triton_select_tokens.select_tokens(features, scores, budget, tau, lengths)
+
+
+def _select_tokens_cuda_fallback(features, scores, budget, tau=0.8, lengths=None):
+    """CUDA without the compiled kernel: Triton when importable, else the reference loop."""
+    if _HAS_TRITON:
+        return _select_tokens_triton(features, scores, budget, tau, lengths)
+    return _select_tokens_torch(features, scores, budget, tau, lengths)
+
+
+if not _COMPILED["CPU"]:
+    torch.library.impl("pio::select_tokens", "CPU")(_select_tokens_torch)
+if not _COMPILED["CUDA"]:
+    torch.library.impl("pio::select_tokens", "CUDA")(_select_tokens_cuda_fallback)
