@@ -163,7 +163,11 @@ def attention_backends(device: torch.device) -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
              SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
+    try:
+        context = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without backend priorities: flash is still the first choice when it applies
+        context = sdpa_kernel(order)
+    with context:
         yield
 
 
@@ -230,16 +234,19 @@ def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, ar
                     continue
                 counts = schedule.tokens_per_layer(built.visual_tokens, built.num_layers)
                 for path in args.paths:
+                    if path == "reference" and batch not in args.reference_batches:
+                        continue
                     row = {**base, "batch": batch, "schedule": schedule.name, "path": path,
                            "retention": sum(counts) / (built.visual_tokens * built.num_layers),
                            "tflops": visual_tflops(counts, built.hidden, built.mlp), **schedule.describe()}
                     progress.set_postfix_str(f"{name} b{batch} {schedule.name} {retention:.3f} {path}")
                     repeat = args.repeat if path == "ours" else max(1, min(args.repeat, args.reference_repeat))
+                    warmup = args.warmup if path == "ours" else min(args.warmup, 1)
                     try:
                         apply_pio(built.model, schedule.config())
                         try:
                             with selection.reference_path() if path == "reference" else contextlib.nullcontext():
-                                row.update(measure(built, inputs, new_tokens=args.new_tokens, warmup=args.warmup,
+                                row.update(measure(built, inputs, new_tokens=args.new_tokens, warmup=warmup,
                                                    repeat=repeat, device=device, timed_stages=True))
                         finally:
                             remove_pio(built.model)
@@ -315,6 +322,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeat", type=int)
     parser.add_argument("--reference-repeat", type=int, default=3,
                         help="at most this many timed runs on the (slow) reference path")
+    parser.add_argument("--reference-batches", nargs="+", type=int,
+                        help="batches that also run the reference path (default: the smallest; its host-side "
+                             "NMS loop takes minutes at batch 8 on LLaVA-NeXT)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tag", default=None, help="suffix of the JSON file name")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
@@ -329,15 +339,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     small = args.quick or device.type != "cuda"
     size = "tiny" if small else "full"
     args.batches = args.batches or ([1, 2] if small else [1, 8])
+    args.reference_batches = args.reference_batches or [min(args.batches)]
     args.new_tokens = args.new_tokens or (4 if small else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 2)
     args.repeat = args.repeat or (3 if small else 5)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
 
     from tqdm import tqdm
-    per_model = 1 + len(args.retentions) * len(args.schedules) * len(args.paths)
+    per_batch = [1 + len(args.retentions) * len(args.schedules) *
+                 sum(p == "ours" or b in args.reference_batches for p in args.paths) for b in args.batches]
     rows: list[dict] = []
-    with tqdm(total=len(args.models) * len(args.batches) * per_model, desc="e2e", unit="run",
+    with tqdm(total=len(args.models) * sum(per_batch), desc="e2e", unit="run",
               disable=None) as progress:
         for name in args.models:
             rows += run_model(name, size, device, dtype, args, progress)
@@ -353,6 +365,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             [size] + ([*args.models] if len(args.models) < len(vlm_shapes.MODELS) else []))
         extra = {"size": size, "dtype": str(dtype).replace("torch.", ""), "new_tokens": args.new_tokens,
                  "warmup": args.warmup, "repeat": args.repeat, "reference_repeat": args.reference_repeat,
+                 "reference_batches": args.reference_batches,
                  "attention": "sdpa, flash first" if device.type == "cuda" else "sdpa (CPU)",
                  "flops_formula": "sum over layers of 4nd^2 + 2n^2d + 2ndm, n visual tokens (SPEC 6)"}
         print("wrote", write_results("e2e", device, rows, tag=tag, extra=extra, folder=args.results_dir))

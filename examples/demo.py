@@ -194,7 +194,7 @@ def draw(prep: Prepared, image_start: int, results: list[dict], out_path: str, t
             for p in np.flatnonzero(kept):
                 r, c = divmod(int(p), grid)
                 ax.add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid, fill=False,
-                                           edgecolor="yellow", linewidth=0.6))
+                                           edgecolor="yellow", linewidth=0.35, alpha=0.8))
             ms = result["stage_ms"][col] if col < len(result["stage_ms"]) else None
             timing = "" if ms is None else f", {ms:.1f} ms"
             ax.set_title(f"{label}: kept {int(kept.sum())}{timing}", fontsize=9)
@@ -204,7 +204,7 @@ def draw(prep: Prepared, image_start: int, results: list[dict], out_path: str, t
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=100)
+    fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
 
@@ -219,8 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt", default="USER: <image>\nWhat is shown in this image? ASSISTANT:",
                         help="prompt for --model (with the processor's image placeholder)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length with --model (0: none)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of torch (default: 1 for the tiny model, whose ops are too small to share)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    threads = args.threads or (1 if device.type == "cpu" and not args.model else None)
+    if threads:
+        torch.set_num_threads(threads)
     image_path = _image_path(args.image)
     t0 = time.perf_counter()
     if args.model:

@@ -61,21 +61,27 @@ def test_published_schedules_and_flop_formula():
 def test_demo_writes_png(tmp_path):
     import demo
 
-    out = demo.main(["--out", str(tmp_path), "--schedules", "w/o VE"])
+    out = demo.main(["--out", str(tmp_path)])
     png = tmp_path / "demo.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
-    (result,) = out["results"]
-    kept = [len([p for p in positions if p >= 0]) for _, positions in result["panels"]]
-    assert kept == [92, 54, 22]
-    assert len(result["stage_ms"]) == 3 and all(ms > 0 for ms in result["stage_ms"])
-    assert 0 < result["kv_mb"] < out["stock_kv_mb"]
+    expected = {"w/ VE": ["encoder", "layer 8"], "w/o VE": ["layer 1", "layer 5", "layer 8"]}
+    budgets = {"w/ VE": [96, 32], "w/o VE": [92, 54, 22]}
+    assert [r["name"] for r in out["results"]] == list(expected)
+    for result in out["results"]:
+        assert [label for label, _ in result["panels"]] == expected[result["name"]]
+        kept = [sorted(p for p in positions if p >= 0) for _, positions in result["panels"]]
+        assert [len(k) for k in kept] == budgets[result["name"]]
+        for before, after in zip(kept, kept[1:]):  # every stage keeps a subset of the previous one
+            assert set(after) <= set(before)
+        assert len(result["stage_ms"]) == len(kept) and all(ms > 0 for ms in result["stage_ms"])
+        assert 0 < result["kv_mb"] < out["stock_kv_mb"]
 
 
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("results")
     rows = e2e.main(["--quick", "--models", "llava-1.5-7b", "--batches", "1", "--retentions", str(1 / 9),
-                     "--schedules", "w/o VE", "--repeat", "1", "--warmup", "0", "--new-tokens", "2",
+                     "--repeat", "1", "--warmup", "0", "--new-tokens", "2",
                      "--results-dir", str(folder), "--tag", "smoke"])
     return folder, rows
 
@@ -88,19 +94,30 @@ def test_e2e_quick_writes_json(e2e_run):
         assert key in data
     assert data["benchmark"] == "e2e" and data["size"] == "tiny"
     rows = {(r["schedule"], r["path"]): r for r in data["rows"]}
-    assert set(rows) == {("stock", "stock"), ("w/o VE", "ours"), ("w/o VE", "reference")}
+    assert set(rows) == {("stock", "stock"), ("w/o VE", "ours"), ("w/o VE", "reference"), ("w/ VE", "ours"),
+                         ("w/ VE", "reference")}
     stock = rows["stock", "stock"]
     for row in rows.values():
         assert "error" not in row, row.get("error")
         for key in ("prefill_ms", "total_ms", "kv_cache_mb", "tflops", "retention", "batch", "model"):
             assert key in row
-    for path in ("ours", "reference"):
-        row = rows["w/o VE", path]
+    stages = {"w/o VE": ["decoder"] * 3, "w/ VE": ["encoder", "decoder"]}
+    for (schedule, path), row in rows.items():
+        if path == "stock":
+            continue
         assert row["retention"] == pytest.approx(1 / 9, abs=1e-3)
-        assert row["keep"] == [92, 54, 22] and row["layers"] == [1, 10, 15]
-        assert len(row["selection_ms"]) == 3 and row["selection_stages"] == ["decoder"] * 3
+        assert row["selection_stages"] == stages[schedule] and len(row["selection_ms"]) == len(stages[schedule])
         assert row["kv_cache_mb"] < stock["kv_cache_mb"] and row["tflops"] < stock["tflops"]
         assert row["prefill_speedup"] == pytest.approx(stock["prefill_ms"] / row["prefill_ms"])
+    assert rows["w/o VE", "ours"]["keep"] == [92, 54, 22] and rows["w/o VE", "ours"]["layers"] == [1, 10, 15]
+    assert rows["w/ VE", "ours"]["encoder_keep"] == 96 and rows["w/ VE", "ours"]["keep"] == [32]
+    # The KV cache is what the schedule leaves: 64 prompt text tokens plus the visual tokens of each layer.
+    per_token_layer = stock["kv_cache_mb"] / (stock["seq_len"] * 32)
+    for schedule in stages:
+        row = rows[schedule, "ours"]
+        cached = sum(64 + n for n in e2e.schedules("llava-1.5-7b", 576, 32, 1 / 9)[schedule == "w/o VE"]
+                     .tokens_per_layer(576, 32))
+        assert row["kv_cache_mb"] == pytest.approx(per_token_layer * cached)
 
 
 def test_plot_and_readme_section(e2e_run):
