@@ -19,7 +19,9 @@ Columns: prefill ms (one forward with an empty cache, logits of the last row onl
 (``generate`` with a fixed number of new tokens), visual-token FLOPs by the SPEC section 6
 formula ``sum over layers of 4nd^2 + 2n^2d + 2ndm``, the KV cache measured after prefill (MiB
 per sample), selection ms per stage and its share of the prefill, and speedups against the
-stock model of the same run. Timing: ``harness.time_ms`` (CUDA events on a GPU, median after
+stock model of the same run. The encoder stage (w/ VE) runs the vision tower itself: its
+selection ms is the stage's time minus the stock model's vision tower (``tower_ms``), both
+in the row. Timing: ``harness.time_ms`` (CUDA events on a GPU, median after
 warm-up); bf16 and SDPA with the flash backend first on a GPU.
 
 On CPU (or with ``--quick``) the models are the ``tiny`` shapes: same depth and visual-token
@@ -177,8 +179,13 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int, warmup: int, repeat: int,
-            device: torch.device, timed_stages: bool) -> dict[str, Any]:
-    """Prefill ms, total ms, KV MiB per sample and (if ``timed_stages``) selection ms per stage."""
+            device: torch.device, stock_tower_ms: float | None = None) -> dict[str, Any]:
+    """Prefill ms, total ms, KV MiB per sample, vision-tower ms and selection ms per stage.
+
+    An encoder stage runs the vision tower itself, so its own cost is its time minus
+    ``stock_tower_ms`` (the stock model's tower, same run and batch); the raw stage time and
+    the tower time are kept in the row too.
+    """
     model = built.model
     batch = inputs["input_ids"].shape[0]
 
@@ -195,19 +202,24 @@ def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int,
         prefill_ms = harness.time_ms(prefill, warmup=warmup, repeat=repeat, device=device)
         total_ms = harness.time_ms(generate, warmup=min(warmup, 1), repeat=repeat, device=device)
         row: dict[str, Any] = {"prefill_ms": prefill_ms, "total_ms": total_ms, "kv_cache_mb": kv}
-        if timed_stages:
-            with selection.StageTimer(model, device) as timer:
-                for _ in range(repeat):
-                    timer.new_forward()
-                    prefill()
-                    _sync(device)
-            per_forward = timer.stages_ms()
-            if per_forward and len({len(f) for f in per_forward}) == 1:
-                stages = [statistics.median(col) for col in zip(*per_forward)]
-                row["selection_ms"] = stages
-                row["selection_stages"] = timer.stage_kinds()
-                row["selection_ms_total"] = sum(stages)
-                row["selection_share"] = sum(stages) / prefill_ms
+        with selection.StageTimer(model, device) as timer:
+            for _ in range(repeat):
+                timer.new_forward()
+                prefill()
+                _sync(device)
+    if timer.tower_ms():
+        row["tower_ms"] = statistics.median(timer.tower_ms())
+    per_forward = timer.stages_ms()
+    if per_forward and len({len(f) for f in per_forward}) == 1:
+        stages = [statistics.median(col) for col in zip(*per_forward)]
+        kinds = timer.stage_kinds()
+        if kinds[0] == "encoder" and stock_tower_ms is not None:
+            row["encoder_stage_raw_ms"] = stages[0]
+            stages[0] -= stock_tower_ms
+        row["selection_ms"] = stages
+        row["selection_stages"] = kinds
+        row["selection_ms_total"] = sum(stages)
+        row["selection_share"] = sum(stages) / prefill_ms
     return row
 
 
@@ -225,7 +237,7 @@ def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, ar
                  "tflops": visual_tflops(stock_counts, built.hidden, built.mlp)}
         progress.set_postfix_str(f"{name} b{batch} stock")
         stock.update(measure(built, inputs, new_tokens=args.new_tokens, warmup=args.warmup, repeat=args.repeat,
-                             device=device, timed_stages=False))
+                             device=device))
         progress.update()
         rows.append(stock)
         for retention in args.retentions:
@@ -247,7 +259,8 @@ def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, ar
                         try:
                             with selection.reference_path() if path == "reference" else contextlib.nullcontext():
                                 row.update(measure(built, inputs, new_tokens=args.new_tokens, warmup=warmup,
-                                                   repeat=repeat, device=device, timed_stages=True))
+                                                   repeat=repeat, device=device,
+                                                   stock_tower_ms=stock.get("tower_ms")))
                         finally:
                             remove_pio(built.model)
                     except (ValueError, NotImplementedError, TypeError, RuntimeError) as exc:

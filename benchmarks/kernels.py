@@ -36,7 +36,12 @@ def load_suite(name: str):
         return None
     spec = importlib.util.spec_from_file_location(f"pio_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     if not callable(getattr(module, "run", None)):
         raise AttributeError(f"benchmarks/{name}.py has no run(device, quick)")
     return module

@@ -8,7 +8,10 @@ duration of a ``with`` block and put the originals back after.
 ``StageTimer``    times each selection stage of every prefill: the encoder stage (SPEC 4)
                   and, per decoder stage, the saliency probe plus its NMS calls. CUDA events
                   on a GPU (the elapsed time includes any host sync inside the stage),
-                  ``time.perf_counter`` after a synchronize elsewhere.
+                  ``time.perf_counter`` elsewhere. The encoder stage runs the vision tower
+                  itself (with whatever hooks the selection puts in it), so the tower's
+                  forward is timed too, in every forward (stock ones included): the encoder
+                  stage's own cost is its time minus the stock model's tower time.
 ``reference_path`` forces the literal algorithm of :mod:`pio_kernels.reference` (full-layer
                   autograd saliency, host-side NMS loop): what the released code costs.
 """
@@ -47,6 +50,15 @@ def reference_path() -> Iterator[None]:
         yield
 
 
+def _vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    inner = getattr(model, "model", model)
+    for name in ("vision_tower", "visual"):  # LLaVA / LLaVA-NeXT, Qwen2.5-VL
+        tower = getattr(inner, name, None)
+        if isinstance(tower, torch.nn.Module):
+            return tower
+    return None
+
+
 def _encoder_adapter(model: torch.nn.Module) -> Any | None:
     state = getattr(model, "_pio", None)
     adapter = getattr(state, "adapter", None)
@@ -66,6 +78,7 @@ class StageTimer:
         self.device = torch.device(device)
         self._forwards: list[list[dict]] = []
         self._stack = contextlib.ExitStack()
+        self._tower_start: Any = None
 
     # -- clock ------------------------------------------------------------------------------
     def _mark(self) -> Any:
@@ -84,26 +97,34 @@ class StageTimer:
     # -- wrappers ---------------------------------------------------------------------------
     def new_forward(self) -> None:
         """Starts the records of a new forward (call before each timed prefill)."""
-        self._forwards.append([])
+        self._forwards.append({"stages": [], "tower": []})
 
-    def _current(self) -> list[dict]:
+    def _current(self) -> dict:
         if not self._forwards:
-            self._forwards.append([])
+            self.new_forward()
         return self._forwards[-1]
 
     def _wrap(self, fn: Callable, kind: str) -> Callable:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            start = self._mark()
-            out = fn(*args, **kwargs)
-            stop = self._mark()
-            stages = self._current()
+            stages = self._current()["stages"]
             if kind == "saliency" or kind == "encoder" or not stages or stages[-1]["kind"] == "encoder":
                 stages.append({"kind": kind, "spans": []})
-            stages[-1]["spans"].append((start, stop))
+            stage = stages[-1]
+            start = self._mark()
+            out = fn(*args, **kwargs)
+            stage["spans"].append((start, self._mark()))
             return out
 
         return timed
+
+    def _tower_pre_hook(self, module, args) -> None:
+        self._tower_start = self._mark()
+
+    def _tower_hook(self, module, args, output) -> None:
+        if self._tower_start is not None:
+            self._current()["tower"].append((self._tower_start, self._mark()))
+            self._tower_start = None
 
     def __enter__(self) -> "StageTimer":
         stack = self._stack.__enter__()
@@ -113,22 +134,29 @@ class StageTimer:
         if adapter is not None:
             stack.enter_context(_patched(adapter, "reduce_encoder_features",
                                          self._wrap(adapter.reduce_encoder_features, "encoder")))
+        tower = _vision_tower(self.model)
+        if tower is not None:
+            for handle in (tower.register_forward_pre_hook(self._tower_pre_hook),
+                           tower.register_forward_hook(self._tower_hook)):
+                stack.callback(handle.remove)
         return self
 
     def __exit__(self, *exc) -> bool | None:
         return self._stack.__exit__(*exc)
 
     def stages_ms(self) -> list[list[float]]:
-        """Per forward, per stage: milliseconds (sum of that stage's timed calls)."""
-        out = []
-        for stages in self._forwards:
-            if stages:
-                out.append([sum(self._elapsed(a, b) for a, b in s["spans"]) for s in stages])
-        return out
+        """Per forward, per stage: milliseconds (sum of that stage's timed calls; an encoder
+        stage includes the vision tower it runs)."""
+        return [[sum(self._elapsed(a, b) for a, b in st["spans"]) for st in f["stages"]]
+                for f in self._forwards if f["stages"]]
+
+    def tower_ms(self) -> list[float]:
+        """Per forward: milliseconds of the vision tower's forward (``[]`` when none ran)."""
+        return [sum(self._elapsed(a, b) for a, b in f["tower"]) for f in self._forwards if f["tower"]]
 
     def stage_kinds(self) -> list[str]:
         """``encoder`` / ``decoder`` for each stage of the last recorded forward."""
-        for stages in reversed(self._forwards):
-            if stages:
-                return ["encoder" if s["kind"] == "encoder" else "decoder" for s in stages]
+        for f in reversed(self._forwards):
+            if f["stages"]:
+                return ["encoder" if st["kind"] == "encoder" else "decoder" for st in f["stages"]]
         return []

@@ -18,6 +18,7 @@ attention) and a function that makes a batch of synthetic prompt inputs
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -163,6 +164,7 @@ def _build_qwen(size: str, device: torch.device, dtype: torch.dtype, seed: int) 
     patches = side // 14
     visual = (patches // 2) ** 2
     patch_dim = 3 * 2 * 14 * 14
+    takes_token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
     seq_len = _PREFIX_TOKENS + 2 + visual + _SUFFIX_TOKENS
 
     def make_inputs(batch: int) -> dict[str, Any]:
@@ -174,9 +176,12 @@ def _build_qwen(size: str, device: torch.device, dtype: torch.dtype, seed: int) 
         input_ids = torch.cat([prefix, start, image, end, suffix], dim=1)
         g = torch.Generator().manual_seed(seed + 2)
         pixels = torch.randn(batch * patches * patches, patch_dim, generator=g)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "pixel_values": pixels.to(device=device, dtype=dtype),
-                "image_grid_thw": torch.tensor([[1, patches, patches]] * batch, device=device)}
+        out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+               "pixel_values": pixels.to(device=device, dtype=dtype),
+               "image_grid_thw": torch.tensor([[1, patches, patches]] * batch, device=device)}
+        if takes_token_types:  # newer transformers need it for 3-D positions (else silently 1-D)
+            out["mm_token_type_ids"] = (input_ids == config.image_token_id).long()
+        return out
 
     tc = config.text_config
     return Built("qwen2.5-vl-7b", size, model, make_inputs, visual, seq_len, tc.num_hidden_layers, tc.hidden_size,
