@@ -8,7 +8,8 @@ leaves the model exactly as it was (no parameter, module or forward is replaced)
 1. a forward pre-hook on the *multimodal module* (e.g. ``LlavaModel``) starts a prefill
    (empty or no KV cache): it records the caller's ``input_ids`` and, when
    ``encoder_keep`` is set, lets the adapter reduce the image features before they are
-   placed into the sequence, shrinking ``input_ids``, the 2-D mask and the positions;
+   placed into the sequence, shrinking ``input_ids``, the 2-D mask and the positions
+   (in decoding steps it maps the caller's mask and positions onto that shorter prompt);
 2. a forward pre-hook on the *language model* records its 2-D mask and positions and asks
    the adapter which rows are image tokens (one integer id per image, -1 for text);
 3. forward pre-hooks on every decoder layer from ``layers[0]`` on. In prefill, the layer
@@ -70,37 +71,64 @@ Optional (defaults fit a Llama-style decoder with 1-D positions):
     ``image_feature_function(model)``
                                   ``(owner, name)`` of that function, patched per instance
                                   while installed; ``None`` for none.
-    ``reduce_encoder_features(model, call, budget, tau)``
-                                  encoder-side selection (SPEC 4): returns
-                                  ``(features, kept)`` per image (lists of (k_i, D) tensors and
-                                  ascending (k_i,) indices into that image's tokens). The
-                                  engine shrinks ``input_ids``, mask, positions and the keys
-                                  named by ``shrink_keys`` and hands ``features`` to the model
-                                  in place of its own.
-    ``shrink_call(model, call, keep_rows)``
-                                  model-specific kwargs to shrink with the sequence
-                                  (e.g. ``mm_token_type_ids``); default: nothing more.
+Encoder-side selection (only when ``supports_encoder_selection(model)`` is True; SPEC 4):
+    ``supports_encoder_selection(model)``
+                                  ``apply_pio`` refuses ``encoder_keep`` otherwise.
+    ``reduce_encoder_features(model, image_kwargs, budget, tau)``
+                                  ``image_kwargs``: the image-feature function's named
+                                  arguments (``pixel_values``, ``image_sizes``, ...). Returns
+                                  ``(output, kept, counts)``: an object shaped like the
+                                  image-feature function's output holding the reduced (and
+                                  merged) features, per image the ascending kept indices into
+                                  that image's placeholder tokens, and per image the token
+                                  count before reduction. The engine calls it from the
+                                  prefill pre-hook (or the patched image-feature function,
+                                  when ``generate`` encodes images before the prefill), drops
+                                  the placeholder rows of the dropped tokens from
+                                  ``input_ids``, the 2-D mask, ``inputs_embeds`` and
+                                  ``position_ids`` (left-padding samples that end up shorter),
+                                  and maps decoding steps' caller mask and positions onto the
+                                  shorter sequence.
+    ``pixel_keys``, ``image_feature_keys``
+                                  call keys that carry images / feed the feature function.
+    ``features_of(output)``       per-image feature list of the feature function's output.
+    ``encoder_positions(model, call, src, dropped_before, valid)``
+                                  ``position_ids`` of the rows left (default: the caller's
+                                  positions or ``arange``, through ``positions_after_stage``).
+    ``encoder_step_positions(model, call, caller_past, q, shift)``
+                                  ``position_ids`` of a decoding step's new rows (default: the
+                                  caller's or ``arange``, through ``decode_positions``; a model
+                                  that derives them from its cache length must override it).
+    ``shrink_call(model, call, src)``
+                                  other per-row kwargs gathered with ``src`` (B, S'), e.g.
+                                  ``mm_token_type_ids``; returns the replaced entries.
+Shared rules: :func:`split_local_global` (local windows + global top) and
+:func:`merge_dropped` (mean merging) implement SPEC 4 on attention maps an adapter provides.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.attention
 from torch import nn
 
 import pio_kernels
 
-__all__ = ["Adapter", "PioState", "adapter_for", "install", "register_adapter", "resolve_budget", "uninstall",
-           "build_attention_mask"]
+__all__ = ["Adapter", "PioState", "adapter_for", "build_attention_mask", "install", "merge_dropped",
+           "register_adapter", "resolve_budget", "split_local_global", "uninstall"]
 
 # Modules of this package that define adapters; each registers itself when imported.
 _BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl")
 _ADAPTERS: list["Adapter"] = []
+_ALL_SDPA_BACKENDS = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+                      torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.MATH]
 _MASK_KINDS = {"eager": "additive", "sdpa": "bool", "flash_attention_2": "2d", "flash_attention_3": "2d"}
 
 
@@ -177,7 +205,7 @@ class Adapter:
 
     def features_of(self, output) -> list[torch.Tensor]:
         """Per-image features in the output of the model's image-feature function."""
-        return list(output.pooler_output)
+        return list(getattr(output, "pooler_output", output))
 
     def encoder_positions(self, model, call: dict, src: torch.Tensor, dropped_before: torch.Tensor,
                           valid: torch.Tensor) -> torch.Tensor:
@@ -189,6 +217,16 @@ class Adapter:
             ids = call["input_ids"]
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
         return self.positions_after_stage(positions.expand(batch, -1), src, dropped_before, valid)
+
+    def encoder_step_positions(self, model, call: dict, caller_past: int, q: int, shift: torch.Tensor) -> torch.Tensor:
+        """``position_ids`` of a decoding step's ``q`` new rows after encoder-side selection.
+        ``caller_past``: tokens before them in the caller's numbering; ``shift`` (B,): tokens the
+        encoder dropped. Default: the caller's positions (or ``arange``) through ``decode_positions``."""
+        positions = call.get("position_ids")
+        if positions is None:
+            device = shift.device
+            positions = torch.arange(caller_past, caller_past + q, device=device)[None].expand(shift.shape[0], q)
+        return self.decode_positions(positions, shift)
 
     def reduce_encoder_features(self, model, call: dict, budget: int | float, tau: float):
         raise NotImplementedError(f"{self.name}: encoder-side selection is not implemented")
@@ -295,6 +333,7 @@ class _Prefill:
     caller_index: torch.Tensor      # (B, S0) row of the caller's input_ids
     mask_kind: str
     cuts: list[_Cut] = field(default_factory=list)
+    caller_len: int = 0             # rows of the caller's input_ids
     selection: list[torch.Tensor] = field(default_factory=list)
     encoder_selection: torch.Tensor | None = None
 
@@ -478,8 +517,8 @@ def _lm_pre_hook(state: PioState) -> Callable:
             positions = state.adapter.prompt_positions(state.model, kwargs, batch, q, device)
             arange = torch.arange(q, device=device).expand(batch, q)
             caller_index = call.get("_caller_index", arange)
-            prefill = _Prefill(seq_len=q, image_map=image_map.to(device), caller_index=caller_index, mask_kind=kind)
-            prefill.caller_len = call.get("_caller_len", q)
+            prefill = _Prefill(seq_len=q, image_map=image_map.to(device), caller_index=caller_index, mask_kind=kind,
+                               caller_len=call.get("_caller_len", q))
             prefill.encoder_selection = call.get("_encoder_selection")
             prefill.cuts.append(_Cut(layer=0, src=arange, index=arange, valid=valid, positions=positions,
                                      shift=torch.zeros(batch, dtype=torch.long, device=device), identity=True))
@@ -587,9 +626,14 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     mask2d = None if bool(prev.valid.all()) else prev.valid.long()
     state.in_probe = True
     try:
-        scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
-                                            prev.embeddings, attention_mask=mask2d,
-                                            num_positions=config.num_positions)
+        # The probe runs the layer with an explicit mask and needs key gradients: let SDPA pick
+        # any backend there, even where the caller forced one (e.g. flash) for the model itself.
+        # inference_mode(False): the probe's own index tensors must be able to enter autograd.
+        with torch.inference_mode(False), torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS), \
+                _outputs_not_recorded():
+            scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
+                                                prev.embeddings, attention_mask=mask2d,
+                                                num_positions=config.num_positions)
     finally:
         state.in_probe = False
     keep = prev.valid & (image_ids < 0)
@@ -616,6 +660,22 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     prefill.cuts.append(cut)
     prefill.selection.append(_visual_rows(prefill, cut))
     return hidden
+
+
+@contextlib.contextmanager
+def _outputs_not_recorded() -> Iterator[None]:
+    """Keeps the probe's own layer call out of ``output_hidden_states`` / ``output_attentions``
+    (transformers records layer outputs through a context variable; absent: nothing to do)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
 
 
 def _select_images(hidden: torch.Tensor, scores: torch.Tensor, image_ids: torch.Tensor, keep_spec, tau: float,
@@ -758,10 +818,7 @@ def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
             raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
                              f"got {tuple(mask2d.shape)}")
         kwargs["attention_mask"] = torch.cat([enc["valid"].to(mask2d.dtype), mask2d[:, enc["caller_len"]:]], dim=1)
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(caller_past, caller_past + q, device=ref.device)[None].expand(batch, q)
-    kwargs["position_ids"] = state.adapter.decode_positions(positions, enc["shift"])
+    kwargs["position_ids"] = state.adapter.encoder_step_positions(state.model, kwargs, caller_past, q, enc["shift"])
     return kwargs
 
 
@@ -769,15 +826,17 @@ def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
 # Encoder-side rules shared by the adapters (SPEC section 4)
 # ----------------------------------------------------------------------------------------------
 def split_local_global(shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[int, int], budget: int,
-                       window: tuple[int, int]) -> torch.Tensor:
+                       window: tuple[int, int], available: torch.Tensor | None = None) -> torch.Tensor:
     """Kept token indices of one image (or crop): half local, half global (SPEC 4).
 
     Args:
         shallow: (N,) attention map at the shallow layer, N = grid_h * grid_w, row-major.
         deep: (N,) attention map at the deep layer.
         grid: (grid_h, grid_w) token grid.
-        budget: tokens kept, 1 <= budget <= N.
+        budget: tokens kept, 1 <= budget <= number of available tokens.
         window: (win_h, win_w) window size; edge windows may be smaller.
+        available: (N,) bool, tokens that may be kept (default all), e.g. those left by
+            LLaVA-NeXT's unpadding; windows without one do not count.
 
     The local half takes the top ``(budget // 2) // n_windows`` tokens of every window by
     ``shallow``; the rest of the budget goes to the top tokens by ``deep`` among the others.
@@ -785,32 +844,35 @@ def split_local_global(shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[in
     """
     grid_h, grid_w = grid
     n = grid_h * grid_w
+    device = shallow.device
     if shallow.shape != (n,) or deep.shape != (n,):
         raise ValueError(f"attention maps must be ({n},) for a {grid_h}x{grid_w} grid, "
                          f"got {tuple(shallow.shape)} and {tuple(deep.shape)}")
-    if not 1 <= budget <= n:
-        raise ValueError(f"budget must lie in [1, {n}], got {budget}")
+    if available is None:
+        available = torch.ones(n, dtype=torch.bool, device=device)
+    n_available = int(available.sum())
+    if not 1 <= budget <= n_available:
+        raise ValueError(f"budget must lie in [1, {n_available}], got {budget}")
     win_h, win_w = window
-    rows = torch.arange(n, device=shallow.device) // grid_w
-    cols = torch.arange(n, device=shallow.device) % grid_w
-    per_row = -(-grid_w // win_w)
-    window_id = (rows // win_h) * per_row + cols // win_w
-    n_windows = int(window_id.max()) + 1
+    rows = torch.arange(n, device=device) // grid_w
+    cols = torch.arange(n, device=device) % grid_w
+    window_id = (rows // win_h) * (-(-grid_w // win_w)) + cols // win_w
+    n_windows = int(torch.unique(window_id[available]).numel())
     per_window = (budget // 2) // n_windows
-    chosen = torch.zeros(n, dtype=torch.bool, device=shallow.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
     if per_window:
-        order = torch.sort(shallow.float(), descending=True, stable=True).indices
-        rank = torch.zeros(n, dtype=torch.long, device=shallow.device)
-        # rank of each token inside its window, in shallow-score order
-        seen = torch.zeros(n_windows, dtype=torch.long, device=shallow.device)
-        for i in order.tolist():
+        order = torch.sort(shallow.float(), descending=True, stable=True).indices.tolist()
+        seen: dict[int, int] = {}
+        for i in order:  # the first per_window available tokens of each window, in shallow order
+            if not available[i]:
+                continue
             w = int(window_id[i])
-            rank[i] = seen[w]
-            seen[w] += 1
-        chosen = rank < per_window
+            if seen.get(w, 0) < per_window:
+                chosen[i] = True
+                seen[w] = seen.get(w, 0) + 1
     rest = budget - int(chosen.sum())
     if rest > 0:
-        deep_rest = torch.where(chosen, torch.full_like(deep.float(), float("-inf")), deep.float())
+        deep_rest = deep.float().masked_fill(chosen | ~available, float("-inf"))
         order = torch.sort(deep_rest, descending=True, stable=True).indices
         chosen[order[:rest]] = True
     return chosen.nonzero().flatten()

@@ -11,7 +11,11 @@ CLS row of the attention of encoder layer 5 (the shallow map) and of the layer t
 produces the feature (``vision_feature_layer``, -2: the deep map), averaged over heads,
 computed from that layer's own queries and keys (so any attention implementation works
 and no full map is built). Windows are a quarter of the patch grid per side (6 x 6 on
-LLaVA-1.5's 24 x 24, 16 windows).
+LLaVA-1.5's 24 x 24, 16 windows). The shallow layer is capped at the tower's last layer.
+LLaVA-NeXT: the same per crop (the base image and every anyres crop), over the tokens of
+that crop that survive unpadding; the budget (int or fraction) is per crop, newline tokens
+are always kept, and merging stays inside a crop. Token positions in the packed sequence
+are traced by packing an index tensor with the model's own ``pack_image_features``.
 """
 from __future__ import annotations
 
@@ -74,10 +78,8 @@ class LlavaAdapter(Adapter):
     shallow_layer = 5
 
     def supports_encoder_selection(self, model) -> bool:
-        from transformers import LlavaForConditionalGeneration
         config = model.config
-        return (type(model) is LlavaForConditionalGeneration
-                and type(model.model.vision_tower).__name__ == "CLIPVisionModel"
+        return (type(model.model.vision_tower).__name__ == "CLIPVisionModel"
                 and config.vision_feature_select_strategy == "default"
                 and isinstance(config.vision_feature_layer, int) and config.vision_feature_layer != 0)
 
@@ -95,25 +97,58 @@ class LlavaAdapter(Adapter):
         if strategy != "default" or not isinstance(layer_idx, int):
             raise ValueError("encoder_keep needs vision_feature_select_strategy='default' and one int "
                              f"vision_feature_layer, got {strategy!r} and {layer_idx!r}")
+        pixel_values = call["pixel_values"]
+        crops = None
+        if hasattr(mm, "pack_image_features"):  # LLaVA-NeXT: the crops of every image, flattened
+            crops = self._crops_per_image(config, call["image_sizes"])
+            if pixel_values.dim() == 5:
+                pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)], dim=0)
         tower = mm.vision_tower
-        hidden = tower(call["pixel_values"], output_hidden_states=True, return_dict=True).hidden_states
+        hidden = tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
         layers = self._encoder_layers(tower)
         deep = len(layers) + layer_idx if layer_idx < 0 else layer_idx - 1  # layer whose output is the feature
         shallow = min(self.shallow_layer, len(layers) - 1)
-        shallow_map = cls_attention(layers[shallow], hidden[shallow])
+        shallow_map = cls_attention(layers[shallow], hidden[shallow])  # (crops, P)
         deep_map = cls_attention(layers[deep], hidden[deep])
-        features = mm.multi_modal_projector(hidden[layer_idx][:, 1:])
+        features = mm.multi_modal_projector(hidden[layer_idx][:, 1:])  # (crops, P, D)
         grid = config.vision_config.image_size // config.vision_config.patch_size
         side = max(1, round(grid / 4))
+        crops_p, patches = features.shape[:2]
+        if crops is None:  # LLaVA-1.5: one crop per image, placed as is
+            sources = [torch.arange(i * patches, (i + 1) * patches, device=features.device) for i in range(crops_p)]
+            packed = list(features)
+        else:  # pack the crops as the model does, and the same way the index of every token
+            index = torch.arange(crops_p * patches, dtype=torch.float64, device=features.device)
+            packed_index, _ = mm.pack_image_features(
+                torch.split(index.view(crops_p, patches, 1), crops), call["image_sizes"], strategy,
+                image_newline=torch.tensor([-1.0], dtype=torch.float64, device=features.device))
+            packed, _ = mm.pack_image_features(torch.split(features, crops), call["image_sizes"], strategy,
+                                               image_newline=mm.image_newline)
+            sources = [p[:, 0].long() for p in packed_index]
         out, kept_all = [], []
-        for i in range(features.shape[0]):
-            n = features.shape[1]
-            kept = split_local_global(shallow_map[i], deep_map[i], (grid, grid), resolve_budget(budget, n),
-                                      (side, side))
-            out.append(merge_dropped(features[i], kept))
+        for feats, src in zip(packed, sources):
+            keep = src < 0  # LLaVA-NeXT's newline tokens stay
+            merged = feats.clone()
+            for crop in torch.unique(src[src >= 0] // patches).tolist():
+                rows = ((src >= 0) & (src // patches == crop)).nonzero().flatten()
+                available = torch.zeros(patches, dtype=torch.bool, device=feats.device)
+                available[src[rows] % patches] = True
+                chosen = split_local_global(shallow_map[crop], deep_map[crop], (grid, grid),
+                                            resolve_budget(budget, rows.numel()), (side, side), available)
+                local = torch.searchsorted(src[rows] % patches, chosen)  # rows ascend with patch index
+                keep[rows[local]] = True
+                merged[rows[local]] = merge_dropped(feats[rows], local)
+            kept = keep.nonzero().flatten()
+            out.append(merged[kept])
             kept_all.append(kept)
-        counts = [features.shape[1]] * features.shape[0]
+        counts = [int(s.numel()) for s in sources]
         return BaseModelOutputWithPooling(pooler_output=out), kept_all, counts
+
+    @staticmethod
+    def _crops_per_image(config, image_sizes) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                          patch_size=config.vision_config.image_size) for size in image_sizes]
 
 
 def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,9 @@ def _pixels(n: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(n, 3, 28, 28, generator=g).to(dtype)
 
 
-def _causal(n: int, dtype) -> torch.Tensor:
-    allowed = torch.ones(n, n, dtype=torch.bool).tril()
-    return torch.zeros(1, 1, n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+def _causal(n: int, dtype, device="cpu") -> torch.Tensor:
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return torch.zeros(1, 1, n, n, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @torch.no_grad()
@@ -66,10 +66,11 @@ def lm_reference(model, embeds: torch.Tensor, rows: torch.Tensor, is_image: torc
     for i, layer in enumerate(lm.layers):
         if i in layers:
             present = set(kept[layers.index(i)].tolist())
-            sel = torch.tensor([j for j, r in enumerate(rows.tolist()) if not is_image[j] or r in present])
+            sel = torch.tensor([j for j, r in enumerate(rows.tolist()) if not is_image[j] or r in present],
+                               device=hidden.device)
             rows, is_image, hidden = rows[sel], is_image[sel], hidden[:, sel]
-        pos = torch.arange(rows.numel())[None]
-        hidden = layer(hidden, attention_mask=_causal(rows.numel(), hidden.dtype),
+        pos = torch.arange(rows.numel(), device=hidden.device)[None]
+        hidden = layer(hidden, attention_mask=_causal(rows.numel(), hidden.dtype, hidden.device),
                        position_embeddings=lm.rotary_emb(hidden, pos), position_ids=pos)
     return model.lm_head(lm.norm(hidden))[0], rows
 
@@ -83,9 +84,9 @@ def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Ten
     embeds = lm.embed_tokens(ids[None])
     feats = mm.get_image_features(pixel_values=pixels, **image_kwargs).pooler_output
     feats = torch.cat(list(feats)).to(embeds.dtype)
-    is_image = (ids == IMAGE) & (torch.arange(ids.numel()) < n_prompt)
+    is_image = (ids == IMAGE) & (torch.arange(ids.numel(), device=ids.device) < n_prompt)
     embeds = embeds.masked_scatter(is_image[:, None], feats)
-    return lm_reference(model, embeds, torch.arange(ids.numel()), is_image, layers, kept)
+    return lm_reference(model, embeds, torch.arange(ids.numel(), device=ids.device), is_image, layers, kept)
 
 
 def _generate(model, ids, pixels, steps, mask=None, **extra):
@@ -97,6 +98,11 @@ def _generate(model, ids, pixels, steps, mask=None, **extra):
     return out.sequences, torch.stack(out.logits, dim=1)  # (B, S + steps), (B, steps, V)
 
 
+def _hooks(model) -> list:
+    return [(name, list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()))
+            for name, m in model.named_modules()]
+
+
 # ------------------------------------------------------------------------------------------------
 def test_full_budget_reproduces_stock_logits_and_remove_restores():
     model = _llava()
@@ -104,6 +110,7 @@ def test_full_budget_reproduces_stock_logits_and_remove_restores():
     px = _pixels(2)
     with torch.no_grad():
         stock = model(input_ids=ids, pixel_values=px).logits
+        hooks_before = _hooks(model)
         apply_pio(model, PioConfig(layers=[2], keep=[16]))
         full = model(input_ids=ids, pixel_values=px).logits
         sel = last_selection(model)
@@ -120,6 +127,8 @@ def test_full_budget_reproduces_stock_logits_and_remove_restores():
     assert not torch.allclose(reduced[:, -1], stock[:, -1])  # selection changes the model
     assert torch.equal(back, stock)
     assert not hasattr(model, "_pio")
+    assert "get_image_features" not in vars(model.model)
+    assert _hooks(model) == hooks_before
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -136,6 +145,12 @@ def test_cached_decoding_equals_reduced_model_from_scratch(attn, stages):
     assert counts == ([10] if len(layers) == 1 else [24, 12, 4])
     for a, b in zip(kept, kept[1:]):
         assert set(b.tolist()[0]) <= set(a.tolist()[0])
+    # the KV cache of every layer holds the rows that layer saw: S before layers[0], fewer after
+    with torch.no_grad():
+        cache = model(input_ids=ids, pixel_values=px, use_cache=True).past_key_values
+    seen = [ids.shape[1]] * layers[0] + sum(([ids.shape[1] - 32 + c] * (b - a) for a, b, c in
+                                             zip(layers, layers[1:] + [6], counts)), [])
+    assert [cache.get_seq_length(i) for i in range(6)] == seen
     ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, layers, [k[0] for k in kept])
     prompt_rows = (rows < ids.shape[1]).sum()
     # logits of the last prompt row and of every decoded token, against the same rows from scratch
@@ -178,6 +193,40 @@ def test_padded_batch_equals_each_sample_alone(side):
                 assert got.tolist() == s_a[0].tolist()
     assert [s.shape[1] for s in sel_batch] == [12, 6]
     assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
+
+
+def test_inference_mode_equals_no_grad():
+    model = _llava(layers=4)
+    ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[6, 2]))
+    with torch.no_grad():
+        want = model(input_ids=ids, pixel_values=_pixels(1)).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids, pixel_values=_pixels(1)).logits
+    assert torch.equal(got, want)
+
+
+def test_output_hidden_states_has_one_entry_per_layer():
+    model = _llava(layers=4)
+    ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
+    apply_pio(model, PioConfig(layers=[2], keep=[4]))
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=_pixels(1), output_hidden_states=True)
+    # embeddings, then every layer's output: layers from 2 on see 24 - 12 rows
+    assert [h.shape[1] for h in out.hidden_states] == [24, 24, 24, 12, 12]
+
+
+def test_batch_mixing_a_text_only_sample_equals_each_sample_alone():
+    model = _llava(layers=4)
+    rows = [[1, 2, 3, 4, 5, 6, 7], _prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])]
+    ids, mask = _pad(rows, "left")
+    apply_pio(model, PioConfig(layers=[2], keep=[4]))
+    seq, logits = _generate(model, ids, _pixels(1), steps=3, mask=mask)
+    assert (last_selection(model)[0][0] == -1).all() and (last_selection(model)[0][1] >= 0).sum() == 4
+    for b, (r, px) in enumerate(zip(rows, (None, _pixels(1)))):
+        seq_a, logits_a = _generate(model, torch.tensor([r]), px, steps=3)
+        assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
 
 
 def test_left_padded_generate_equals_each_sample_alone():
@@ -324,6 +373,30 @@ def test_llava_next_cached_decoding_equals_reduced_model_from_scratch():
 
 # ------------------------------------------------------------------------------------------------
 # Encoder-side selection (SPEC 4), LLaVA-1.5: an 8 x 8 patch grid, windows of 2 x 2 (16 windows)
+def test_split_local_global_and_merge_dropped_rules():
+    from pio_kernels.integrations.engine import merge_dropped, split_local_global
+    # 5 x 5 grid, windows 2 x 2: 9 windows (edge windows smaller); budget 20 -> 1 local per window
+    g = torch.Generator().manual_seed(0)
+    shallow, deep = torch.rand(25, generator=g), torch.rand(25, generator=g)
+    kept = split_local_global(shallow, deep, (5, 5), 20, (2, 2))
+    window = [(r // 2) * 3 + c // 2 for r in range(5) for c in range(5)]
+    local = [max((i for i in range(25) if window[i] == w), key=lambda i: (float(shallow[i]), -i)) for w in range(9)]
+    rest = sorted((i for i in range(25) if i not in local), key=lambda i: (-float(deep[i]), i))[:11]
+    assert kept.tolist() == sorted(local + rest)
+    # ties go to the lower index; unavailable tokens are never kept and their windows do not count
+    flat = torch.zeros(25)
+    available = torch.ones(25, dtype=torch.bool)
+    available[:10] = False
+    assert split_local_global(flat, flat, (5, 5), 3, (5, 5), available).tolist() == [10, 11, 12]
+    with pytest.raises(ValueError, match="budget"):
+        split_local_global(flat, flat, (5, 5), 16, (5, 5), available)
+    # merging: each dropped row joins its most similar kept row; kept rows become means
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
+    merged = merge_dropped(feats, torch.tensor([0, 1]))
+    torch.testing.assert_close(merged, torch.stack([feats[[0, 2]].mean(0), feats[[1, 3, 4]].mean(0)]))
+    assert torch.equal(merge_dropped(feats, torch.arange(5)), feats)
+
+
 def _llava_encoder(attn: str = "sdpa"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=9, num_attention_heads=4,
@@ -466,5 +539,84 @@ def test_encoder_selection_left_padded_batch_equals_each_sample_alone():
 
 
 def test_encoder_selection_is_refused_where_unsupported():
+    model = _llava()
+    model.config.vision_feature_select_strategy = "full"  # CLS among the features
     with pytest.raises(ValueError, match="encoder_keep"):
-        apply_pio(_llava_next(), PioConfig(layers=[2], keep=[8], encoder_keep=24))
+        apply_pio(model, PioConfig(layers=[2], keep=[8], encoder_keep=24))
+
+
+def test_llava_next_encoder_selection_per_crop():
+    model = _llava_next()
+    px, sz, counts = _next_inputs(model, [1, 2])  # 5 crops each; 56 and 88 tokens after packing
+    ids = torch.tensor([_next_prompt(counts)])
+    with torch.no_grad():
+        stock = model(input_ids=ids, pixel_values=px, image_sizes=sz).logits
+        apply_pio(model, PioConfig(layers=[2], keep=[1.0], encoder_keep=1.0))
+        full = model(input_ids=ids, pixel_values=px, image_sizes=sz).logits
+        remove_pio(model)
+        # which packed rows come from which crop, and which are newline tokens
+        mm = model.model
+        index = torch.arange(10 * 16, dtype=torch.float64).view(10, 16, 1)
+        packed, _ = mm.pack_image_features(torch.split(index, [5, 5]), sz, "default",
+                                           image_newline=torch.tensor([-1.0], dtype=torch.float64))
+        apply_pio(model, PioConfig(layers=[2], keep=[10], encoder_keep=0.5))
+        seen = _lm_inputs(model)
+        reduced = model(input_ids=ids, pixel_values=px, image_sizes=sz).logits
+    # generate encodes the images before its prefill (mm_encoder_outputs): same result
+    _, logits = _generate(model, ids, px, steps=2, image_sizes=sz)
+    torch.testing.assert_close(logits[0, 0], reduced[0, -1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(full, stock)
+    enc = last_selection(model, encoder=True)[0]
+    starts = [2, 2 + counts[0] + 2]
+    for i, (start, src) in enumerate(zip(starts, packed)):
+        src = src[:, 0].long()
+        kept = enc[(enc >= start) & (enc < start + counts[i])] - start
+        assert src[kept].lt(0).sum() == src.lt(0).sum()  # every newline token stays
+        for crop in range(5 * i, 5 * i + 5):
+            in_crop = (src >= 0) & (src // 16 == crop)
+            n = int(in_crop.sum())
+            assert int(in_crop[kept].sum()) == max(1, int(0.5 * n + 0.5)), (crop, n)
+    assert seen[0].shape[1] == ids.shape[1] - (counts[0] + counts[1] - enc.numel())
+    assert [k.shape[1] for k in last_selection(model)] == [20]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA, bf16 (unverified in CPU-only sessions: these skip there)
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attn", ["sdpa-flash", "flash_attention_2"])
+@pytest.mark.parametrize("stages", [([2], [5]), ([1, 3, 5], [12, 0.5, 2])], ids=["one", "three"])
+def test_cuda_bf16_cached_decoding_against_fp32_reduced_model(attn, stages):
+    if attn == "flash_attention_2" and not _has_flash_attn():
+        pytest.skip("flash_attn is not installed")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    layers, keep = stages
+    impl = "sdpa" if attn == "sdpa-flash" else attn
+    model16 = _llava(layers=6, attn=impl).to("cuda", torch.bfloat16)
+    model32 = _llava(layers=6).to("cuda")
+    ids = torch.tensor([_prompt([1, 2, 3], 2, [4, 5, 6, 7, 8])], device="cuda")
+    px = _pixels(2).cuda()
+    apply_pio(model16, PioConfig(layers=layers, keep=keep))
+    if attn == "sdpa-flash":
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            seq, logits = _generate(model16, ids, px.bfloat16(), steps=4)
+    else:
+        seq, logits = _generate(model16, ids, px.bfloat16(), steps=4)
+    kept = [k[0].cpu() for k in last_selection(model16)]
+    remove_pio(model16)
+    model16.config.text_config._attn_implementation = "sdpa"  # the reference passes explicit masks
+    ids_all = seq[0, :-1]
+    ref32, _ = reduced_reference(model32, ids_all, ids.shape[1], px, layers, kept)
+    ref16, _ = reduced_reference(model16, ids_all, ids.shape[1], px.bfloat16(), layers, kept)
+    n = logits.shape[1]
+    err_pio = (logits[0].float() - ref32[-n:]).abs().max()
+    err_torch = (ref16[-n:].float() - ref32[-n:]).abs().max()
+    assert err_pio <= 2 * err_torch + 1e-6, (err_pio, err_torch)
