@@ -88,7 +88,8 @@ Encoder-side selection (only when ``supports_encoder_selection(model)`` is True;
                                   ``input_ids``, the 2-D mask, ``inputs_embeds`` and
                                   ``position_ids`` (left-padding samples that end up shorter),
                                   and maps decoding steps' caller mask and positions onto the
-                                  shorter sequence.
+                                  shorter sequence. Image ids at or past the number of
+                                  images it returned (e.g. Qwen2.5-VL's video frames) stay whole.
     ``pixel_keys``, ``image_feature_keys``
                                   call keys that carry images / feed the feature function.
     ``features_of(output)``       per-image feature list of the feature function's output.
@@ -96,7 +97,8 @@ Encoder-side selection (only when ``supports_encoder_selection(model)`` is True;
                                   ``position_ids`` of the rows left (default: the caller's
                                   positions or ``arange``, through ``positions_after_stage``).
     ``encoder_step_positions(model, call, caller_past, q, shift)``
-                                  ``position_ids`` of a decoding step's new rows (default: the
+                                  ``position_ids`` of a decoding step's new rows, from the
+                                  caller's kwargs (its unreduced mask) (default: the
                                   caller's or ``arange``, through ``decode_positions``; a model
                                   that derives them from its cache length must override it).
     ``shrink_call(model, call, src)``
@@ -762,13 +764,14 @@ def _encoder_stage(state: PioState, kwargs: dict) -> dict:
     image_map = adapter.image_map(model, call, {}, input_ids.shape[1])
     batch, seq = input_ids.shape
     device = input_ids.device
-    keep = image_map < 0
+    reduced = (image_map >= 0) & (image_map < len(counts))  # ids past them (Qwen video frames) stay whole
+    keep = ~reduced
     mask2d = kwargs.get("attention_mask")
     valid = torch.ones(batch, seq, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool()
     keep &= valid
     flat_local = torch.zeros(batch * seq, dtype=torch.long, device=device)
     flat_map = image_map.flatten()
-    is_img = flat_map >= 0
+    is_img = reduced.flatten()
     if bool(is_img.any()):
         # local index of every placeholder inside its image
         starts = torch.tensor([0] + list(counts[:-1]), device=device).cumsum(0)
@@ -813,12 +816,12 @@ def _encoder_decode_step(state: PioState, kwargs: dict, past: int) -> dict:
     batch, q = ref.shape[:2]
     caller_past = past - enc["lm_len"] + enc["caller_len"]
     mask2d = kwargs.get("attention_mask")
-    if mask2d is not None:
-        if mask2d.dim() != 2 or mask2d.shape[1] != caller_past + q:
-            raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
-                             f"got {tuple(mask2d.shape)}")
-        kwargs["attention_mask"] = torch.cat([enc["valid"].to(mask2d.dtype), mask2d[:, enc["caller_len"]:]], dim=1)
+    if mask2d is not None and (mask2d.dim() != 2 or mask2d.shape[1] != caller_past + q):
+        raise ValueError(f"attention_mask must be (B, {caller_past + q}) in this decoding step, "
+                         f"got {tuple(mask2d.shape)}")
     kwargs["position_ids"] = state.adapter.encoder_step_positions(state.model, kwargs, caller_past, q, enc["shift"])
+    if mask2d is not None:
+        kwargs["attention_mask"] = torch.cat([enc["valid"].to(mask2d.dtype), mask2d[:, enc["caller_len"]:]], dim=1)
     return kwargs
 
 

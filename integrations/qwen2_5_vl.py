@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Adapter, register_adapter, resolve_budget
+from .engine import Adapter, merge_dropped, register_adapter, resolve_budget
 
-__all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "merge_into_kept", "vision_column_scores", "window_global_selection"]
+__all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "vision_column_scores",
+           "window_global_selection"]
 
 # Attention probabilities held at once by vision_column_scores, in elements (fp32: 64 MiB).
 _SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -90,7 +91,8 @@ def window_global_selection(local_scores: torch.Tensor, global_scores: torch.Ten
     windows (a partial last row or column of windows joins its neighbour) and tokens are
     taken by descending ``local_scores`` with at most ``ceil(local / windows)`` per window
     (then, if the caps leave it short, the best remaining). The other half is global: the
-    top of ``global_scores`` among the rest. Ties go to the lower index.
+    top of ``global_scores`` among the rest. Ties go to the lower index. This is the released
+    Qwen2.5-VL rule; LLaVA's fixed count per window is :func:`~.engine.split_local_global`.
 
     Args:
         local_scores, global_scores: (grid_h * grid_w,) floating, row-major merged grid.
@@ -103,6 +105,8 @@ def window_global_selection(local_scores: torch.Tensor, global_scores: torch.Ten
     if local_scores.shape != (n,) or global_scores.shape != (n,):
         raise ValueError(f"scores must have shape ({n},) for a {grid_h}x{grid_w} grid, got "
                          f"{tuple(local_scores.shape)} and {tuple(global_scores.shape)}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
     device = local_scores.device
     if budget >= n:
         return torch.arange(n, device=device)
@@ -131,31 +135,6 @@ def window_global_selection(local_scores: torch.Tensor, global_scores: torch.Ten
     return chosen.nonzero().squeeze(1)
 
 
-def merge_into_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Merges every dropped row into its most cosine-similar kept row (SPEC section 4).
-
-    Args:
-        features: (N, D) floating, one image's tokens after the merger.
-        keep: (k,) int64, kept row indices, ascending.
-
-    Returns:
-        (k, D) in ``features.dtype``: each kept row becomes the mean of itself and the rows
-        merged into it (similarity in fp32 on L2-normalised rows, ties to the lower kept index).
-    """
-    n = features.shape[0]
-    dropped = torch.ones(n, dtype=torch.bool, device=features.device)
-    dropped[keep] = False
-    kept_x = features[keep].float()
-    if not bool(dropped.any()):
-        return features[keep]
-    drop_x = features[dropped].float()
-    target = (F.normalize(drop_x, dim=-1) @ F.normalize(kept_x, dim=-1).T).argmax(dim=1)
-    total = kept_x.index_add(0, target, drop_x)
-    count = torch.ones(keep.shape[0], dtype=torch.float32, device=features.device)
-    count = count.index_add(0, target, torch.ones_like(target, dtype=torch.float32))
-    return (total / count[:, None]).to(features.dtype)
-
-
 def _window_order(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
     """The tower's permutation of merged rows into window order (the stock helper computes it)."""
     from transformers.vision_utils import get_vision_window_index
@@ -181,7 +160,7 @@ def encoder_selection(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: t
     ``N x N`` map); per patch scores are averaged over each 2x2 merge group and put back into
     the merged order the tower outputs. Then, per frame (an image is one frame):
     :func:`window_global_selection` on the frame's merged grid with ``budget(n)`` tokens, and
-    :func:`merge_into_kept` on the tower's merged output.
+    :func:`~.engine.merge_dropped` on the tower's merged output.
 
     Args:
         visual: ``Qwen2_5_VisionTransformerPretrainedModel``.
@@ -232,7 +211,7 @@ def encoder_selection(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: t
             for _ in range(t):
                 rows = slice(start, start + h * w)
                 keep = window_global_selection(local[rows], global_[rows], h, w, budget(h * w), window)
-                frames.append(merge_into_kept(merged[rows], keep))
+                frames.append(merge_dropped(merged[rows], keep))
                 kept.append(keep)
                 start += h * w
     return frames, kept
@@ -281,8 +260,9 @@ class Qwen2_5_VLAdapter(Adapter):
 
         Images come first (ids ``0 .. images - 1``, the order of ``image_grid_thw`` and of the
         encoder-side lists), then video frames. Sizes come from the counts the engine recorded,
-        else from the grids; when neither matches the placeholders (after encoder-side
-        selection) every contiguous run of image pad tokens is one image.
+        else from the grids. Without either (``generate`` may have consumed the grids, and
+        encoder-side selection changes the counts) an image is a contiguous run of pad tokens
+        and a video frame a run of video pad tokens with one temporal position.
         """
         input_ids = call.get("input_ids")
         if input_ids is None:
@@ -306,10 +286,16 @@ class Qwen2_5_VLAdapter(Adapter):
             if counts is not None:
                 ids = torch.repeat_interleave(torch.arange(len(counts), device=out.device),
                                               torch.tensor(counts, device=out.device))
-            else:  # every contiguous run of pad tokens is one image
+            else:
                 run = input_ids == token
-                starts = (run & ~F.pad(run[:, :-1], (1, 0), value=False)).flatten()
-                ids = starts.long().cumsum(0)[rows] - 1
+                starts = run & ~F.pad(run[:, :-1], (1, 0), value=False)
+                positions = call.get("position_ids")
+                if positions is None:
+                    positions = lm_kwargs.get("position_ids")
+                if token == cfg.video_token_id and positions is not None and positions.dim() == 3:
+                    t = positions[-3].to(out.device)  # temporal row of the M-RoPE ids
+                    starts |= run & (t != F.pad(t[:, :-1], (1, 0), value=-1))
+                ids = starts.flatten().long().cumsum(0)[rows] - 1
             flat[rows] = ids + next_id
             next_id += int(ids.max()) + 1
         return out
@@ -372,7 +358,7 @@ class Qwen2_5_VLAdapter(Adapter):
         positions = call.get("position_ids")
         if positions is None:
             positions = self._prompt_positions(model, call)
-        positions = _three_rows(positions, src.shape[0], 0, src.shape[1], src.device)
+        positions = _three_rows(positions, src.shape[0], 0, call["input_ids"].shape[1], src.device)
         return self.positions_after_stage(positions, src, dropped_before, valid)
 
     @staticmethod
@@ -388,6 +374,23 @@ class Qwen2_5_VLAdapter(Adapter):
             attention_mask=call.get("attention_mask"))
         inner.rope_deltas = deltas
         return positions
+
+    def encoder_step_positions(self, model, call: dict, caller_past: int, q: int, shift: torch.Tensor):
+        """Decode positions after encoder-side selection: the caller's, else what the stock model
+        would compute from the unreduced sequence (caller positions plus its ``rope_deltas``)."""
+        positions = call.get("position_ids")
+        deltas = model.model.rope_deltas
+        if positions is not None or deltas is None:
+            return positions
+        ref = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+        batch, device = ref.shape[0], ref.device
+        mask = call.get("attention_mask")
+        if mask is not None:
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -q:]
+        else:
+            pos = torch.arange(caller_past, caller_past + q, device=device)[None].expand(batch, q)
+        deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        return (pos + deltas)[None].expand(3, -1, -1)
 
     def shrink_call(self, model, call: dict, keep_rows: torch.Tensor) -> dict:
         types = call.get("mm_token_type_ids")

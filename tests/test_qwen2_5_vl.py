@@ -1,13 +1,15 @@
 """Qwen2.5-VL integration (issue 6) on tiny random-weight models built from configs."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio
 from pio_kernels.integrations import qwen2_5_vl as qwen
+from pio_kernels.integrations.engine import merge_dropped, resolve_budget
 from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
 
 
@@ -62,22 +64,6 @@ def test_window_global_selection_spreads_local_half():
     assert kept.tolist() == [4, 27, 32, 36, 60, 61, 62, 63]
 
 
-def test_merge_into_kept_is_mean_of_nearest():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 5, generator=g)
-    keep = torch.tensor([1, 4, 7])
-    out = qwen.merge_into_kept(x, keep)
-    groups = {int(k): [x[k]] for k in keep}
-    for i in range(9):
-        if i in keep.tolist():
-            continue
-        sims = [float(F.cosine_similarity(x[i], x[k], dim=0)) for k in keep]
-        groups[int(keep[max(range(3), key=lambda j: sims[j])])].append(x[i])
-    expected = torch.stack([torch.stack(groups[int(k)]).mean(0) for k in keep])
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(qwen.merge_into_kept(x, torch.arange(9)), x)
-
-
 def test_vision_column_scores_match_full_attention_map():
     model = make_model(attn="eager")
     block = model.model.visual.blocks[1]
@@ -122,9 +108,13 @@ def _lm_inputs(model, inputs):
             model(**inputs)
     finally:
         handle.remove()
-    pos = captured["position_ids"]
+    pos, embeds = captured["position_ids"], captured["inputs_embeds"]
+    if pos is None:  # no mm_token_type_ids: the stock model falls back to 1-D positions
+        pos = torch.arange(embeds.shape[1], device=embeds.device).expand(3, embeds.shape[0], -1)
     pos = pos[1:] if pos.shape[0] == 4 else pos
-    return captured["inputs_embeds"], pos, captured["attention_mask"], model.model.rope_deltas.clone()
+    deltas = model.model.rope_deltas
+    deltas = torch.zeros(embeds.shape[0], 1, dtype=torch.long) if deltas is None else deltas.clone()
+    return embeds, pos, captured["attention_mask"], deltas
 
 
 def _visual_ids(model, inputs):
@@ -164,14 +154,16 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     S, S+1, ...), and per stage per sample the kept visual caller rows (sorted list).
     """
     from pio_kernels import reference
-    from pio_kernels.integrations.engine import resolve_budget
     lm = model.model.language_model
     embeds, pos, mask, deltas = _lm_inputs(model, inputs)
-    vis = _visual_ids(model, inputs)
+    device = embeds.device
+    vis = _visual_ids(model, inputs).to(device)
     encoded = None
     if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
         encoded = qwen.encoder_selection(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"],
                                          lambda n: resolve_budget(encoder_keep, n))
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
     batch, seq_len = mask.shape
     out_logits, out_sel = [], [[] for _ in layers]
     for b in range(batch):
@@ -184,14 +176,14 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
         if new_tokens is not None:
             t = new_tokens.shape[1]
             x = torch.cat([x, lm.embed_tokens(new_tokens[b])])
-            p_new = (n_prompt + torch.arange(t) + deltas[b]).expand(3, t)
+            p_new = (n_prompt + torch.arange(t, device=device) + deltas[b].to(device)).expand(3, t)
             p = torch.cat([p, p_new], dim=1)
-            caller = torch.cat([caller, seq_len + torch.arange(t)])
-            ids = torch.cat([ids, torch.full((t,), -1)])
-        cur = torch.arange(x.shape[0])  # rows of this sample still present
+            caller = torch.cat([caller, seq_len + torch.arange(t, device=device)])
+            ids = torch.cat([ids, torch.full((t,), -1, device=device)])
+        cur = torch.arange(x.shape[0], device=device)  # rows of this sample still present
         if encoded is not None:
             x = x.clone()
-            present = torch.ones(x.shape[0], dtype=torch.bool)
+            present = torch.ones(x.shape[0], dtype=torch.bool, device=device)
             for image in ids.unique().tolist():
                 if 0 <= image < len(encoded[0]):
                     r = (ids == image).nonzero().flatten()
@@ -210,7 +202,7 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
                         hp = h[:, is_prompt]
                         scores = reference.proxy_saliency(layer, lm.norm, model.lm_head, hp,
                                                           (cos[:, is_prompt], sin[:, is_prompt]), num_positions=k)[0]
-                        keep_rows = torch.ones(cur.numel(), dtype=torch.bool)
+                        keep_rows = torch.ones(cur.numel(), dtype=torch.bool, device=device)
                         for image in ids[cur].unique().tolist():
                             if image < 0:
                                 continue
@@ -221,12 +213,13 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
                             keep_rows[r[picked[picked >= 0]]] = True
                     else:
                         wanted = set(selection[s][b])
-                        keep_rows = torch.tensor([ids[c] < 0 or int(caller[c]) in wanted for c in cur.tolist()])
+                        keep_rows = torch.tensor([bool(ids[c] < 0) or int(caller[c]) in wanted for c in cur.tolist()],
+                                                 device=device)
                     cur = cur[keep_rows]
                     h = h[:, keep_rows]
                     out_sel[s].append(sorted(int(caller[c]) for c in cur.tolist() if ids[c] >= 0))
                 pe = lm.rotary_emb(h, p[:, None, cur])
-                y = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=pe)
+                y = layer(h, attention_mask=_causal(h.shape[1], h.dtype).to(device), position_embeddings=pe)
                 h = y[0] if isinstance(y, tuple) else y
             logits = model.lm_head(lm.norm(h))[0]
         out_logits.append({int(caller[c]): logits[i] for i, c in enumerate(cur.tolist())})
@@ -234,15 +227,10 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
 
 
 def _selection_lists(model):
-    from pio_kernels.integrations import last_selection
     return [[[int(v) for v in row if v >= 0] for row in stage] for stage in last_selection(model)]
 
 
 # ---------------------------------------------------------------- the integration, language side
-
-import copy  # noqa: E402
-
-from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio  # noqa: E402
 
 SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6]]  # several images of different sizes
 _MODELS: dict = {}
@@ -389,7 +377,7 @@ def test_video_frames_are_selected_per_frame():
     model = _model()
     samples = [[2, (2, 4, 4), 3, (4, 4), 5]]  # a 2-frame video (4 tokens a frame) and an image
     inputs = make_inputs(samples, seed=4)
-    layers, keep = [2], [0.5]
+    layers, keep = [2], [0.34]
     ref, ref_sel = reference_reduced(model, inputs, layers, keep)
     apply_pio(model, PioConfig(layers=layers, keep=keep))
     try:
@@ -397,28 +385,85 @@ def test_video_frames_are_selected_per_frame():
         sel = _selection_lists(model)
     finally:
         remove_pio(model)
-    assert sel == ref_sel and len(sel[0][0]) == 2 + 2 + 2
+    assert sel == ref_sel and len(sel[0][0]) == 1 + 1 + 1  # a whole video would keep 3 + 1
     _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+    # generate (which may consume the grids before the prefill) splits the frames the same way
+    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert _selection_lists(model) == ref_sel
+    finally:
+        remove_pio(model)
 
 
-def test_bf16_within_twice_torch_error():
-    """Flash-attention rule: the bf16 integration is no further from fp32 than PyTorch's bf16 is."""
-    model = make_model(dtype=torch.bfloat16)
+def _check_bf16_against_fp32(device, samples, encoder_keep=None, generate=False, sdpa_backend=None):
+    """Flash-attention rule: the bf16 integration is no further from fp32 than PyTorch's bf16 is.
+
+    The fp32 model is the bf16 one upcast; both references use the selection the bf16 run made.
+    """
+    import contextlib
+    model = make_model(dtype=torch.bfloat16).to(device)
     model32 = copy.deepcopy(model).float()
     layers, keep = [1, 3], [0.5, 0.34]
-    inputs = make_inputs(SAMPLES, seed=5, dtype=torch.bfloat16)
-    apply_pio(model, PioConfig(layers=layers, keep=keep))
-    out = _logits(model, inputs)
-    sel = _selection_lists(model)
-    remove_pio(model)
-    ref32, _ = reference_reduced(model32, {**inputs, "pixel_values": inputs["pixel_values"].float()}, layers,
-                                 keep, selection=sel)
-    ref16, _ = reference_reduced(model, inputs, layers, keep, selection=sel)
-    for b, rows in enumerate(ref32):
-        for r, expected in rows.items():
-            ours = (out[b, r].float() - expected).abs().max()
+    inputs = {k: v.to(device) for k, v in make_inputs(samples, seed=5, dtype=torch.bfloat16).items()}
+    seq_len = inputs["input_ids"].shape[1]
+    backend = contextlib.nullcontext()
+    if sdpa_backend is not None:
+        from torch.nn.attention import sdpa_kernel
+        backend = sdpa_kernel(sdpa_backend)
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        with backend, torch.no_grad():
+            if generate:
+                gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True)
+                rows = {seq_len - 1 + j: lg for j, lg in enumerate(gen.logits)}
+                new = gen.sequences[:, seq_len:-1]
+            else:
+                out = model(**inputs).logits
+                new = None
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    inputs32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    kw = dict(selection=sel, new_tokens=new, encoder_keep=encoder_keep)
+    ref32, _ = reference_reduced(model32, inputs32, layers, keep, **kw)
+    ref16, _ = reference_reduced(model, inputs, layers, keep, **kw)
+    checked = 0
+    for b, expected_rows in enumerate(ref32):
+        for r, expected in expected_rows.items():
+            if generate and r not in rows:
+                continue
+            ours = (rows[r][b] if generate else out[b, r]).float()
+            ours_err = (ours - expected).abs().max()
             torch_err = (ref16[b][r].float() - expected).abs().max()
-            assert ours <= 2 * torch_err + 1e-2, (b, r, float(ours), float(torch_err))
+            assert ours_err <= 2 * torch_err + 1e-2, (b, r, float(ours_err), float(torch_err))
+            checked += 1
+    assert checked >= (3 if generate else 10)
+
+
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+def test_bf16_within_twice_torch_error(encoder_keep):
+    _check_bf16_against_fp32("cpu", SAMPLES, encoder_keep=encoder_keep)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+@pytest.mark.parametrize("generate", [False, True])
+def test_cuda_bf16_padded_batch(encoder_keep, generate):
+    _check_bf16_against_fp32("cuda", SAMPLES, encoder_keep=encoder_keep, generate=generate)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+def test_cuda_bf16_flash_sdpa_single_sample(encoder_keep):
+    # One unpadded sample: the model's layers get no mask, so sdpa runs its flash kernel; the
+    # saliency probe builds an explicit mask and falls back to the memory-efficient kernel.
+    from torch.nn.attention import SDPBackend
+    _check_bf16_against_fp32("cuda", SAMPLES[1:], encoder_keep=encoder_keep, generate=True,
+                             sdpa_backend=[SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
 # ---------------------------------------------------------------- encoder side on the real tower
@@ -463,7 +508,6 @@ def _reference_tower_scores(model, pixel_values, grid_thw, blocks):
 
 @pytest.mark.parametrize("keep", [0.34, 3])
 def test_encoder_selection_matches_materialised_attention(keep):
-    from pio_kernels.integrations.engine import resolve_budget
     model = _model()
     inputs = make_inputs([[2, (8, 8), 1, (4, 6), 1, (2, 2), 3, (2, 4, 4)]], seed=6)
     pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
@@ -481,7 +525,7 @@ def test_encoder_selection_matches_materialised_attention(keep):
         rows = slice(start, start + h * w)
         expected = qwen.window_global_selection(local[rows], global_[rows], h, w, budget(h * w))
         assert k.tolist() == expected.tolist() and k.numel() == min(h * w, budget(h * w))
-        torch.testing.assert_close(feats, qwen.merge_into_kept(pooled[rows], k))
+        torch.testing.assert_close(feats, merge_dropped(pooled[rows], k))
         start += h * w
     assert start == pooled.shape[0]
 
@@ -522,7 +566,6 @@ def test_encoder_selection_matches_reduced_model_from_scratch(attn, padding_side
     # per image resolve_budget(encoder_keep, n) tokens leave the encoder; video frames pass whole
     image = inputs["input_ids"] == IMAGE
     n_kept_images = [sum(bool(image[b, r]) for r in rows) for b, rows in enumerate(enc)]
-    from pio_kernels.integrations.engine import resolve_budget
     expected = [resolve_budget(encoder_keep, 6), resolve_budget(encoder_keep, 6) + 1]
     assert n_kept_images == expected
     assert len(enc[1]) - n_kept_images[1] == 8  # the video's two frames of 4 tokens
@@ -548,3 +591,62 @@ def test_encoder_selection_cached_decode_equals_from_scratch(attn):
     for step, logits in enumerate(gen.logits):
         for b in range(len(SAMPLES)):
             torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("encoder_keep", [None, 0.5])
+def test_manual_decode_loop_without_positions(encoder_keep):
+    """A plain cached loop (no mask, no position_ids): decode positions come from the rope deltas."""
+    model = _model()
+    layers, keep = [2], [0.5]
+    inputs = make_inputs([[3, (4, 6), 2, (2, 4), 5]], seed=10)
+    inputs.pop("attention_mask")
+    seq_len = inputs["input_ids"].shape[1]
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            logits, tokens = [out.logits[:, -1]], []
+            for _ in range(3):
+                tokens.append(logits[-1].argmax(-1, keepdim=True))
+                out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits[:, -1])
+        sel = _selection_lists(model)
+    finally:
+        remove_pio(model)
+    ref, _ = reference_reduced(model, {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}, layers,
+                               keep, new_tokens=torch.cat(tokens, 1), selection=sel, encoder_keep=encoder_keep)
+    for step, lg in enumerate(logits):
+        torch.testing.assert_close(lg[0], ref[0][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+
+
+def test_without_mm_token_type_ids_positions_fall_back_like_stock():
+    """Without mm_token_type_ids the stock model uses 1-D positions; the integration gathers those."""
+    model = _model()
+    model.model.rope_deltas = None
+    inputs = make_inputs([[3, (4, 6), 5]], seed=11)
+    inputs.pop("mm_token_type_ids")
+    inputs.pop("attention_mask")
+    layers, keep, encoder_keep = [2], [0.5], 0.5
+    ref, ref_sel = reference_reduced(model, inputs, layers, keep, encoder_keep=encoder_keep)
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    try:
+        out = _logits(model, inputs)
+        assert _selection_lists(model) == ref_sel
+    finally:
+        remove_pio(model)
+    _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_remove_pio_restores_stock_model_and_bad_schedules_raise():
+    model = _model()
+    inputs = make_inputs(SAMPLES, seed=12)
+    stock = _logits(model, inputs)
+    apply_pio(model, PioConfig(layers=[1, 3], keep=[0.5, 1], encoder_keep=0.5))
+    reduced = _logits(model, inputs)
+    remove_pio(model)
+    assert not torch.equal(reduced, stock)
+    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layers"):
+        apply_pio(model, PioConfig(layers=[4], keep=[0.5]))  # the tiny model has 4 layers
+    with pytest.raises(ValueError, match="encoder_keep"):
+        PioConfig(layers=[1], keep=[0.5], encoder_keep=1.5)
