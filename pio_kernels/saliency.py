@@ -53,7 +53,6 @@ _WARNED_TYPES: set[str] = set()
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_PARTS = {"gate_proj", "up_proj", "down_proj"}
-_HEAD_CHUNK = 8192  # vocabulary rows per step of the torch head (bounds the fp32 weight copy)
 
 
 # --------------------------------------------------------------------------------------
@@ -165,31 +164,48 @@ def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return grad * cos + _rotate_half_transposed(grad * sin)
 
 
+def _head_chunk_rows(weight: torch.Tensor) -> int:
+    """Vocabulary rows per step of the torch head: a cache-sized slice on CPU (it is used twice
+    back to back), a large one on CUDA (fewer launches; bounds the fp32 copy to 64 MB)."""
+    if weight.device.type == "cuda":
+        return max(1, (64 << 20) // (4 * weight.shape[1]))
+    return max(16, (2 << 20) // (weight.element_size() * weight.shape[1]))
+
+
 def _head_loss_grad_torch(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           row_scale: torch.Tensor) -> torch.Tensor:
     """Torch fallback of :func:`pio_kernels.triton.head_loss.head_loss_grad` (SPEC 2.2-2.4).
 
     ``normed`` (R, D) fp32 final-norm rows; ``weight`` (V, D); ``row_scale`` (R,) fp32 loss
     weight of each row (1/K). Returns ``d loss / d normed`` (R, D) fp32 with
-    ``loss = sum_r row_scale_r * CE(Z_r, argmax Z_r)``, ``Z = normed W^T + b`` in fp32.
-    The head is read twice in chunks of ``_HEAD_CHUNK`` rows upcast to fp32; only the
-    ``R x V`` logits are held.
+    ``loss = sum_r row_scale_r * CE(Z_r, argmax Z_r)``, ``Z = normed W^T + b`` in fp32, i.e.
+    ``row_scale * (softmax(Z) W - W[argmax Z])``.
+
+    One pass over the vocabulary, online-softmax style: each slice of the head (upcast to
+    fp32) gives its logits, then at once its share ``exp(Z - m) W`` of the softmax-weighted
+    sum, rescaled whenever the running max ``m`` grows. The head is read once (the slice is
+    still in cache for the second product); no ``R x V`` tensor is held. Ties of the
+    pseudo-label go to the lowest index, as ``torch.argmax``.
     """
+    rows, dim = normed.shape
     vocab = weight.shape[0]
-    logits = torch.empty(normed.shape[0], vocab, dtype=torch.float32, device=normed.device)
-    for start in range(0, vocab, _HEAD_CHUNK):
-        stop = min(start + _HEAD_CHUNK, vocab)
-        chunk_bias = None if bias is None else bias[start:stop].float()
-        logits[:, start:stop] = F.linear(normed, weight[start:stop].float(), chunk_bias)
-    label = logits.argmax(dim=-1)
-    grad_logits = torch.softmax(logits, dim=-1)
-    grad_logits[torch.arange(len(label), device=label.device), label] -= 1.0
-    grad_logits *= row_scale[:, None]
-    grad = torch.zeros_like(normed)
-    for start in range(0, vocab, _HEAD_CHUNK):
-        stop = min(start + _HEAD_CHUNK, vocab)
-        grad += grad_logits[:, start:stop] @ weight[start:stop].float()
-    return grad
+    step = _head_chunk_rows(weight)
+    run_max = torch.full((rows, 1), float("-inf"), dtype=torch.float32, device=normed.device)
+    run_sum = torch.zeros(rows, 1, dtype=torch.float32, device=normed.device)
+    acc = torch.zeros(rows, dim, dtype=torch.float32, device=normed.device)
+    label = torch.zeros(rows, dtype=torch.long, device=normed.device)
+    for start in range(0, vocab, step):
+        w = weight[start:start + step].float()
+        z = F.linear(normed, w, None if bias is None else bias[start:start + step].float())
+        chunk_max, chunk_arg = z.max(dim=1, keepdim=True)
+        label = torch.where(chunk_max[:, 0] > run_max[:, 0], chunk_arg[:, 0] + start, label)
+        new_max = torch.maximum(run_max, chunk_max)
+        rescale = torch.exp(run_max - new_max)
+        p = torch.exp(z - new_max)
+        run_sum = run_sum * rescale + p.sum(dim=1, keepdim=True)
+        acc = torch.addmm(acc * rescale, p, w)
+        run_max = new_max
+    return row_scale[:, None] * (acc / run_sum - weight[label].float())
 
 
 def _epilogue_torch(grad_xn: torch.Tensor, hidden: torch.Tensor, gain: torch.Tensor, eps: float,
@@ -245,6 +261,8 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     group = n_heads // n_kv
     k_rows = num_positions
     device = hidden_states.device
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
 
     rows = reference.loss_positions(attention_mask, batch, seq_len, num_positions, device=device)  # (B, K)
     cos, sin = _rotary_tables(position_embeddings, batch, seq_len, head_dim)  # (B, S, hd) fp32

@@ -203,3 +203,24 @@ def test_cuda_triton_and_torch_paths_match_reference(family, dtype):
                               backend=backend)
         assert fast.device.type == "cuda"
         assert _rel_err(fast, ref) <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_torch_head_one_pass_matches_full_softmax(monkeypatch, chunk):
+    """The online-softmax head (one read of the head) against the direct formula, ties included."""
+    import pio_kernels.saliency as sal
+    monkeypatch.setattr(sal, "_head_chunk_rows", lambda weight: chunk)
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(8, generator=gen)
+    normed = torch.zeros(5, 16)
+    normed[:, :8] = base + 0.1 * torch.randn(5, 8, generator=gen)
+    weight = 0.1 * torch.randn(150, 16, generator=gen)
+    weight[3, :8] = weight[120, :8] = 2.0 * base  # tied maxima in different chunks, different rows
+    bias = torch.zeros(150)
+    scale = torch.rand(5, generator=gen)
+    logits = normed @ weight.T + bias
+    assert (logits.argmax(-1) == 3).all() and (logits[:, 3] == logits[:, 120]).all()
+    expected = scale[:, None] * (logits.softmax(-1) @ weight - weight[3])
+    got = sal._head_loss_grad_torch(normed, weight, bias, scale)
+    assert (scale[:, None] * (weight[3] - weight[120])).abs().max() > 1e-2  # the label matters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
