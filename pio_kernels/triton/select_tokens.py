@@ -83,7 +83,8 @@ def _strict_pass_kernel(mask_ptr, len_ptr, picked_ptr, N, W, budget, BLOCK_W: tl
     lo = woffs * 32
     # alive: order positions < n that no pick has suppressed yet, 32 to a word.
     full = tl.full((BLOCK_W,), -1, tl.int32)
-    part = (tl.full((BLOCK_W,), 1, tl.int32) << (n - lo).to(tl.int32)) - 1
+    shift = tl.minimum(tl.maximum(n - lo, 0), 31)  # in range even where unused below
+    part = (tl.full((BLOCK_W,), 1, tl.int32) << shift) - 1
     alive = tl.where(lo + 32 <= n, full, tl.where(lo >= n, 0, part))
     r = 0
     count = 0
