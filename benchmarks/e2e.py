@@ -12,8 +12,10 @@ Schedules (SPEC section 1) at each retained-token fraction (default 11.1% and 22
 published 64- and 128-token averages), with (``w/ VE``) and without (``w/o VE``) encoder-side
 selection. On LLaVA-1.5-7B the published schedules are used as they are; the other models get
 the same budgets scaled to their visual-token count (and, for Qwen2.5-VL without VE, to its
-28 layers); every row records its ``layers``/``keep``/``encoder_keep`` and whether it is
-``published`` or ``scaled``.
+28 layers; LLaVA-NeXT's encoder budget is per crop and its newline tokens always stay);
+every row records its ``layers``/``keep``/``encoder_keep`` and whether it is ``published``
+or ``scaled``. ``retention`` and ``tflops`` are computed from the tokens the model really
+kept (``kept_tokens``, read back with ``last_selection``; ``counts_from`` says so).
 
 Columns: prefill ms (one forward with an empty cache, logits of the last row only), total ms
 (``generate`` with a fixed number of new tokens), visual-token FLOPs by the SPEC section 6
@@ -107,6 +109,12 @@ def schedules(model: str, visual: int, num_layers: int, retention: float) -> lis
         published = abs(retention - 1 / 9) < 1e-3
         ratio = round(0.167 * retention * 9, 3)  # encoder keeps 16.7% at 11.1%, layer 14 a third of it
         out.append(Schedule("w/ VE", (14,), (0.333,), ratio, "published" if published else "scaled"))
+    elif model == "llava-next-7b":
+        # The integration's encoder budget is per crop (newline tokens always stay): the
+        # LLaVA-1.5 fractions, 96 of each 576-token crop, then a third of those at layer 16.
+        layers, keep, enc = _LLAVA15_VE[64]
+        out.append(Schedule("w/ VE", layers, (round(keep[0] / enc, 3),),
+                            round(enc / _LLAVA15_TOKENS * retention * 9, 3), "scaled"))
     else:
         layers, keep, enc = _LLAVA15_VE[64]
         factor = retention * 9                   # the published one is the 11.1% point
@@ -156,6 +164,33 @@ def kv_cache_bytes(cache) -> int:
     return total
 
 
+def kept_counts(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Visual tokens per sample (batch mean) the last prefill kept: after the encoder stage
+    (``None`` without one) and after each decoder stage; ``None`` on a stock model."""
+    if getattr(model, "_pio", None) is None:
+        return None
+    from pio_kernels.integrations import last_selection
+
+    def mean_count(kept: torch.Tensor) -> float:
+        return float((kept >= 0).sum(dim=1).float().mean())
+
+    encoder = last_selection(model, encoder=True)
+    return {"encoder": None if encoder is None else mean_count(encoder),
+            "stages": [mean_count(k) for k in last_selection(model)]}
+
+
+def layer_counts(kept: dict[str, Any], layers: tuple[int, ...], visual: int, num_layers: int) -> list[float]:
+    """Visual tokens each decoder layer saw, from :func:`kept_counts` and the stage layers."""
+    n = visual if kept["encoder"] is None else kept["encoder"]
+    counts, stage = [], 0
+    for layer in range(num_layers):
+        while stage < len(layers) and layers[stage] == layer:
+            n = kept["stages"][stage]
+            stage += 1
+        counts.append(n)
+    return counts
+
+
 @contextlib.contextmanager
 def attention_backends(device: torch.device) -> Iterator[None]:
     """SDPA with the flash backend first on a GPU (masked layers fall back to efficient)."""
@@ -199,9 +234,12 @@ def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int,
         out = prefill()
         kv = kv_cache_bytes(out.past_key_values) / batch / 2**20
         del out
+        kept = kept_counts(model)
         prefill_ms = harness.time_ms(prefill, warmup=warmup, repeat=repeat, device=device)
         total_ms = harness.time_ms(generate, warmup=min(warmup, 1), repeat=repeat, device=device)
         row: dict[str, Any] = {"prefill_ms": prefill_ms, "total_ms": total_ms, "kv_cache_mb": kv}
+        if kept is not None:
+            row["kept_tokens"] = kept
         with selection.StageTimer(model, device) as timer:
             for _ in range(repeat):
                 timer.new_forward()
@@ -250,7 +288,8 @@ def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, ar
                         continue
                     row = {**base, "batch": batch, "schedule": schedule.name, "path": path,
                            "retention": sum(counts) / (built.visual_tokens * built.num_layers),
-                           "tflops": visual_tflops(counts, built.hidden, built.mlp), **schedule.describe()}
+                           "tflops": visual_tflops(counts, built.hidden, built.mlp), "counts_from": "schedule",
+                           **schedule.describe()}
                     progress.set_postfix_str(f"{name} b{batch} {schedule.name} {retention:.3f} {path}")
                     repeat = args.repeat if path == "ours" else max(1, min(args.repeat, args.reference_repeat))
                     warmup = args.warmup if path == "ours" else min(args.warmup, 1)
@@ -265,6 +304,13 @@ def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, ar
                             remove_pio(built.model)
                     except (ValueError, NotImplementedError, TypeError, RuntimeError) as exc:
                         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    if row.get("kept_tokens") and len(row["kept_tokens"]["stages"]) == len(schedule.layers):
+                        # what the model really kept (per-crop budgets and LLaVA-NeXT's newline tokens included)
+                        measured = layer_counts(row["kept_tokens"], schedule.layers, built.visual_tokens,
+                                                built.num_layers)
+                        row["retention"] = sum(measured) / (built.visual_tokens * built.num_layers)
+                        row["tflops"] = visual_tflops(measured, built.hidden, built.mlp)
+                        row["counts_from"] = "measured"
                     if "prefill_ms" in row:
                         row["prefill_speedup"] = stock["prefill_ms"] / row["prefill_ms"]
                         row["total_speedup"] = stock["total_ms"] / row["total_ms"]
