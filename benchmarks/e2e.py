@@ -338,14 +338,19 @@ def profile(built: vlm_shapes.Built, schedule: Schedule, device: torch.device) -
         with torch.no_grad(), attention_backends(device):
             built.model(**inputs, use_cache=True, logits_to_keep=1)
             _sync(device)
-            with torch_profile(activities=activities) as prof:
-                built.model(**inputs, use_cache=True, logits_to_keep=1)
+            with torch_profile(activities=activities) as prof, selection.StageTimer(built.model, device):
+                built.model(**inputs, use_cache=True, logits_to_keep=1)  # stages show as pio::<kind>
                 _sync(device)
     finally:
         remove_pio(built.model)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(f"\nprofile: {built.name} batch 1, {schedule.name} {schedule.describe()}")
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    keys = ("device_time_total", "cuda_time_total") if device.type == "cuda" else ("cpu_time_total",)
+    for key in keys:  # the name of the device column changed across torch versions
+        try:
+            print(prof.key_averages().table(sort_by=key, row_limit=25))
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
 
 
 def write_results(benchmark: str, device: torch.device, rows: list[dict], *, tag: str, extra: dict,
