@@ -79,6 +79,36 @@ def test_demo_writes_png(tmp_path):
         assert 0 < result["kv_mb"] < out["stock_kv_mb"]
 
 
+def test_demo_local_checkpoint(tmp_path):
+    """``--model PATH``: a saved checkpoint and processor, loaded from local files only."""
+    import demo
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    prep = demo.tiny_llava(demo._image_path(None), torch.device("cpu"))
+    words = ["<unk>", "<s>", "</s>", "USER:", "ASSISTANT:", "What", "is", "shown", "in", "this", "image?"]
+    vocab = {w: i for i, w in enumerate(words)} | {"<image>": prep.model.config.image_token_id}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336},
+                                                                  crop_size={"height": 336, "width": 336}),
+                               tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                               image_token="<image>", num_additional_image_tokens=1)
+    checkpoint = tmp_path / "tiny-llava"
+    processor.save_pretrained(checkpoint)
+    prep.model.save_pretrained(checkpoint)
+    out = demo.main(["--model", str(checkpoint), "--max-new-tokens", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    kept = {r["name"]: [len([p for p in positions if p >= 0]) for _, positions in r["panels"]]
+            for r in out["results"]}
+    assert kept == {"w/ VE": [96, 32], "w/o VE": [92, 54, 22]}
+    assert all(isinstance(r["answer"], str) for r in out["results"])
+
+
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("results")
