@@ -177,17 +177,23 @@ def e2e_markdown(run: dict[str, Any], png: str | None, all_rows: bool = False) -
         lines += ["", "A negative encoder-stage time is timing noise: the stock tower time it subtracts comes "
                       "from separate runs, and here the tower is most of the stage."]
     if not _is_tiny(run):
-        lines += ["", "Goals at 11.1% retention, batch 1 (issue 7):", ""]
-        for model, goal in GOALS.items():
-            for r in run["rows"]:
-                if (r.get("model") == model and r.get("batch") == 1 and r.get("path") == "ours"
-                        and abs(r.get("retention", 0) - 1 / 9) < 0.01 and "prefill_speedup" in r):
-                    verdict = "met" if r["prefill_speedup"] >= goal else \
-                        f"missed by {goal - r['prefill_speedup']:.2f}x"
-                    lines.append(f"- {model} {r['schedule']}: prefill {r['prefill_speedup']:.2f}x "
-                                 f"(goal >= {goal}x: {verdict}); selection "
-                                 f"{100 * r.get('selection_share', float('nan')):.1f}% of the prefill "
-                                 f"(goal < 5%)")
+        lines += ["", "Goals at 11.1% retention, batch 1 (issue 7): prefill speedup >= 2.5x (LLaVA-1.5) and "
+                      ">= 4x (LLaVA-NeXT), selection < 5% of the reduced prefill, reference-path selection "
+                      "slower than ours by the factor the kernel benchmarks measured:", ""]
+        for r in run["rows"]:
+            if not (r.get("batch") == 1 and r.get("path") == "ours" and "prefill_speedup" in r
+                    and abs(r.get("retention", 0) - 1 / 9) < 0.01):
+                continue
+            goal = GOALS.get(r["model"])
+            verdict = "" if goal is None else (" (goal met)" if r["prefill_speedup"] >= goal else
+                                               f" (goal {goal}x missed by {goal - r['prefill_speedup']:.2f}x)")
+            ref = next((x for x in run["rows"] if x.get("path") == "reference" and x.get("batch") == 1
+                        and x.get("model") == r["model"] and x.get("schedule") == r["schedule"]
+                        and x.get("retention") == r.get("retention") and "selection_ms_total" in x), None)
+            ratio = "" if ref is None or not r.get("selection_ms_total") else \
+                f"; reference-path selection {ref['selection_ms_total'] / r['selection_ms_total']:.1f}x ours"
+            lines.append(f"- {r['model']} {r['schedule']}: prefill {r['prefill_speedup']:.2f}x{verdict}; "
+                         f"selection {100 * r.get('selection_share', float('nan')):.1f}% of the prefill{ratio}")
     if png:
         lines += ["", f"![speedup vs retained tokens]({png})"]
     return lines
