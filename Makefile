@@ -32,9 +32,14 @@ test: install check-cuda
 demo: install
 	$(VPY) examples/demo.py
 
+# Benchmarks for whatever device is present (small labelled shapes on CPU), then the plot and
+# the README results section; e.g. `make bench E2E_ARGS="--models llava-1.5-7b"` for a part.
+KERNELS_ARGS ?=
+E2E_ARGS ?=
 bench: install
-	$(VPY) benchmarks/kernels.py
-	$(VPY) benchmarks/e2e.py
+	$(VPY) benchmarks/kernels.py $(KERNELS_ARGS)
+	$(VPY) benchmarks/e2e.py $(E2E_ARGS)
+	$(VPY) benchmarks/plot.py --markdown-out benchmarks/results/README-section.md
 
 # Syntax check of the CUDA sources where nvcc exists, so a broken kernel cannot land
 # unnoticed on a CPU-only CI machine. A CPU-only torch ships the c10/cuda headers
