@@ -29,17 +29,23 @@ install: $(BUILT)
 test: install check-cuda
 	$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-demo: install
-	$(VPY) examples/demo.py
+# NO_VENV=1 runs demo and bench with the machine's own python3 and skips the install step,
+# for a machine whose Python already has torch and the project installed (the offline GPU
+# machine: `pip install --no-deps --no-build-isolation -e .`, then `make bench NO_VENV=1`).
+RUN_PY := $(if $(NO_VENV),$(PYTHON),$(VPY))
+RUN_DEPS := $(if $(NO_VENV),,install)
+
+demo: $(RUN_DEPS)
+	$(RUN_PY) examples/demo.py
 
 # Benchmarks for whatever device is present (small labelled shapes on CPU), then the plot and
 # the README results section; e.g. `make bench E2E_ARGS="--models llava-1.5-7b"` for a part.
 KERNELS_ARGS ?=
 E2E_ARGS ?=
-bench: install
-	$(VPY) benchmarks/kernels.py $(KERNELS_ARGS)
-	$(VPY) benchmarks/e2e.py $(E2E_ARGS)
-	$(VPY) benchmarks/plot.py --markdown-out benchmarks/results/README-section.md
+bench: $(RUN_DEPS)
+	$(RUN_PY) benchmarks/kernels.py $(KERNELS_ARGS)
+	$(RUN_PY) benchmarks/e2e.py $(E2E_ARGS)
+	$(RUN_PY) benchmarks/plot.py --markdown-out benchmarks/results/README-section.md
 
 # Syntax check of the CUDA sources where nvcc exists, so a broken kernel cannot land
 # unnoticed on a CPU-only CI machine. A CPU-only torch ships the c10/cuda headers

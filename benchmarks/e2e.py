@@ -353,17 +353,6 @@ def profile(built: vlm_shapes.Built, schedule: Schedule, device: torch.device) -
             continue
 
 
-def write_results(benchmark: str, device: torch.device, rows: list[dict], *, tag: str, extra: dict,
-                  folder: str | None) -> str:
-    """``harness.write_results``, into ``folder`` instead of ``benchmarks/results`` when given."""
-    saved = harness.RESULTS_DIR
-    harness.RESULTS_DIR = folder or saved
-    try:
-        return harness.write_results(benchmark, device, rows, tag=tag, extra=extra)
-    finally:
-        harness.RESULTS_DIR = saved
-
-
 def _display(row: dict[str, Any]) -> dict[str, Any]:
     """The row with per-stage lists shortened for the printed table."""
     out = dict(row)
@@ -432,7 +421,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "reference_batches": args.reference_batches,
                  "attention": "sdpa, flash first" if device.type == "cuda" else "sdpa (CPU)",
                  "flops_formula": "sum over layers of 4nd^2 + 2n^2d + 2ndm, n visual tokens (SPEC 6)"}
-        print("wrote", write_results("e2e", device, rows, tag=tag, extra=extra, folder=args.results_dir))
+        print("wrote", harness.write_results("e2e", device, rows, tag=tag, extra=extra, folder=args.results_dir))
     return rows
 
 

@@ -73,13 +73,17 @@ def environment(device: torch.device | str) -> dict[str, Any]:
 
 
 def write_results(benchmark: str, device: torch.device | str, rows: list[dict[str, Any]], *,
-                  tag: str = "", extra: dict[str, Any] | None = None) -> str:
-    """Writes ``{"benchmark", **environment, "rows"}`` to results/<benchmark>-<device>[-tag].json."""
+                  tag: str = "", extra: dict[str, Any] | None = None, folder: str | None = None) -> str:
+    """Writes ``{"benchmark", **environment, "rows"}`` to <folder>/<benchmark>-<device>[-tag].json.
+
+    ``folder`` defaults to ``benchmarks/results``.
+    """
     device = torch.device(device)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+    folder = folder or RESULTS_DIR
+    os.makedirs(folder, exist_ok=True)
     slug = device_name(device).split(" (")[0].lower().replace(" ", "-")
     name = "-".join(part for part in (benchmark, slug, tag) if part) + ".json"
-    path = os.path.join(RESULTS_DIR, name)
+    path = os.path.join(folder, name)
     payload = {"benchmark": benchmark, **environment(device), **(extra or {}), "rows": rows}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)

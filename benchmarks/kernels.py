@@ -24,7 +24,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
-from e2e import write_results  # noqa: E402
 
 SUITES = ("saliency", "nms")
 
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if not args.no_write:
         tag = args.tag if args.tag is not None else ("quick" if quick and device.type == "cuda" else "")
-        path = write_results("kernels", device, rows, tag=tag, extra={"quick": quick, "suites": status},
+        path = harness.write_results("kernels", device, rows, tag=tag, extra={"quick": quick, "suites": status},
                              folder=args.results_dir)
         print("wrote", path)
     return rows
