@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../select_tokens_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -105,30 +107,14 @@ void select_row(const T* x, const double* s, int64_t n, int64_t d, int64_t budge
 
 at::Tensor select_tokens_cpu(const at::Tensor& features, const at::Tensor& scores, int64_t budget,
                              double tau, const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK_VALUE(features.dim() == 3, "features must be (B, N, D), got ", features.dim(), " dims");
-  TORCH_CHECK_TYPE(at::isFloatingType(features.scalar_type()),
-                   "features must be floating point, got ", features.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores must be floating point, got ",
-                   scores.scalar_type());
+  check_select_tokens_args(features, scores, budget, tau, lengths);
   const int64_t B = features.size(0), N = features.size(1), D = features.size(2);
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N,
-                    "scores must be (B, N) = (", B, ", ", N, "), got ", scores.sizes());
-  TORCH_CHECK_VALUE(budget >= 1, "budget must be >= 1, got ", budget);
-  TORCH_CHECK_VALUE(!std::isnan(tau), "tau must not be NaN");
-  TORCH_CHECK_VALUE(scores.device() == features.device(), "scores must be on ", features.device(),
-                    ", got ", scores.device());
 
   const at::Tensor x = features.contiguous();  // converted to fp32 row by row, when walked
   const at::Tensor s = scores.to(at::kDouble).contiguous();
   std::vector<int64_t> len(B, N);
   if (lengths.has_value()) {
-    const at::Tensor& l = *lengths;
-    TORCH_CHECK_VALUE(l.device() == features.device(), "lengths must be on ", features.device(),
-                      ", got ", l.device());
-    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "lengths must be int64, got ", l.scalar_type());
-    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must be (B,) = (", B, ",), got ",
-                      l.sizes());
-    const at::Tensor lc = l.contiguous();
+    const at::Tensor lc = lengths->contiguous();
     const int64_t* lp = lc.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= N, "lengths must lie in [0, ", N, "], got ", lp[b],

@@ -32,6 +32,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../select_tokens_checks.h"
+
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -282,27 +284,9 @@ scan_kernel(const uint32_t* __restrict__ mask,     // (B, M, W)
 
 at::Tensor select_tokens_cuda(const at::Tensor& features, const at::Tensor& scores, int64_t budget,
                               double tau, const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK_VALUE(features.dim() == 3, "features must be (B, N, D), got ", features.dim(), " dims");
-  TORCH_CHECK_TYPE(at::isFloatingType(features.scalar_type()),
-                   "features must be floating point, got ", features.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores must be floating point, got ",
-                   scores.scalar_type());
+  check_select_tokens_args(features, scores, budget, tau, lengths);
   const int64_t B = features.size(0), N = features.size(1), D = features.size(2);
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == N,
-                    "scores must be (B, N) = (", B, ", ", N, "), got ", scores.sizes());
-  TORCH_CHECK_VALUE(budget >= 1, "budget must be >= 1, got ", budget);
-  TORCH_CHECK_VALUE(!std::isnan(tau), "tau must not be NaN");
-  TORCH_CHECK_VALUE(scores.device() == features.device(), "scores must be on ", features.device(),
-                    ", got ", scores.device());
   TORCH_CHECK_VALUE(N < (int64_t{1} << 30) && D < (int64_t{1} << 30), "N and D must be < 2^30");
-  if (lengths.has_value()) {
-    const at::Tensor& l = *lengths;
-    TORCH_CHECK_VALUE(l.device() == features.device(), "lengths must be on ", features.device(),
-                      ", got ", l.device());
-    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "lengths must be int64, got ", l.scalar_type());
-    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must be (B,) = (", B, ",), got ",
-                      l.sizes());
-  }
   const c10::cuda::CUDAGuard guard(features.device());
   at::Tensor out = at::empty({B, budget}, features.options().dtype(at::kLong));
   if (B == 0) return out;
