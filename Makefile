@@ -45,7 +45,7 @@ E2E_ARGS ?=
 bench: $(RUN_DEPS)
 	$(RUN_PY) benchmarks/kernels.py $(KERNELS_ARGS)
 	$(RUN_PY) benchmarks/e2e.py $(E2E_ARGS)
-	$(RUN_PY) benchmarks/plot.py --markdown-out benchmarks/results/README-section.md
+	$(RUN_PY) benchmarks/plot.py --markdown-out benchmarks/results/README-section.md --update-readme README.md
 
 # Syntax check of the CUDA sources where nvcc exists, so a broken kernel cannot land
 # unnoticed on a CPU-only CI machine. A CPU-only torch ships the c10/cuda headers
