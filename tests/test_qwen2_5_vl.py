@@ -272,6 +272,15 @@ def test_full_budget_reproduces_stock_logits(attn, padding_side, keep):
     torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
 
 
+def _logits_and_selection(model, inputs, config):
+    """Logits and per-stage kept positions of one prefill with ``config`` applied, then removed."""
+    apply_pio(model, config)
+    try:
+        return _logits(model, inputs), _selection_lists(model)
+    finally:
+        remove_pio(model)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("layers,keep", [([2], [0.34]), ([1, 2, 3], [0.75, 2, 1]), ([1, 3], [0.5, 0.34])])
@@ -279,12 +288,8 @@ def test_prefill_matches_reduced_model_from_scratch(attn, padding_side, layers, 
     model = _model(attn)
     inputs = make_inputs(SAMPLES, padding_side=padding_side, seed=1)
     ref, ref_sel = reference_reduced(model, inputs, layers, keep)
-    apply_pio(model, PioConfig(layers=layers, keep=keep))
-    try:
-        out = _logits(model, inputs)
-        assert _selection_lists(model) == ref_sel
-    finally:
-        remove_pio(model)
+    out, sel = _logits_and_selection(model, inputs, PioConfig(layers=layers, keep=keep))
+    assert sel == ref_sel
     _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -379,12 +384,7 @@ def test_video_frames_are_selected_per_frame():
     inputs = make_inputs(samples, seed=4)
     layers, keep = [2], [0.34]
     ref, ref_sel = reference_reduced(model, inputs, layers, keep)
-    apply_pio(model, PioConfig(layers=layers, keep=keep))
-    try:
-        out = _logits(model, inputs)
-        sel = _selection_lists(model)
-    finally:
-        remove_pio(model)
+    out, sel = _logits_and_selection(model, inputs, PioConfig(layers=layers, keep=keep))
     assert sel == ref_sel and len(sel[0][0]) == 1 + 1 + 1  # a whole video would keep 3 + 1
     _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
     # generate (which may consume the grids before the prefill) splits the frames the same way
@@ -628,12 +628,8 @@ def test_without_mm_token_type_ids_positions_fall_back_like_stock():
     inputs.pop("attention_mask")
     layers, keep, encoder_keep = [2], [0.5], 0.5
     ref, ref_sel = reference_reduced(model, inputs, layers, keep, encoder_keep=encoder_keep)
-    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
-    try:
-        out = _logits(model, inputs)
-        assert _selection_lists(model) == ref_sel
-    finally:
-        remove_pio(model)
+    out, sel = _logits_and_selection(model, inputs, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
+    assert sel == ref_sel
     _assert_rows_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
