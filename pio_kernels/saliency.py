@@ -143,25 +143,25 @@ def _rms_norm_backward(x: torch.Tensor, rstd: torch.Tensor, grad_normed: torch.T
     return rstd * grad_normed - x * rstd.pow(3) * (grad_normed * x).mean(dim=-1, keepdim=True)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's ``rotate_half``: ``(x1, x2) -> (-x2, x1)`` on the two halves of the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rotate_half_transposed(g: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`_rotate_half`: ``(g1, g2) -> (g2, -g1)``."""
-    g1, g2 = g.chunk(2, dim=-1)
-    return torch.cat((g2, -g1), dim=-1)
-
-
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """``x cos + rotate_half(x) sin`` with HF's ``rotate_half``: ``(x1, x2) -> (-x2, x1)`` on the two
+    halves of the last dim; built in one output buffer (no (B, S, ...) temporaries)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``R^T``: undoes RoPE on a gradient (``y = x cos + rot(x) sin`` -> ``dx = dy cos + rot^T(dy sin)``)."""
-    return grad * cos + _rotate_half_transposed(grad * sin)
+    """``R^T``: undoes RoPE on a gradient (``y = x cos + rot(x) sin`` -> ``dx = dy cos + rot^T(dy sin)``,
+    with ``rot^T: (g1, g2) -> (g2, -g1)``). Built in one output buffer, as :func:`_rope`.
+    """
+    half = grad.shape[-1] // 2
+    out = grad * cos
+    out[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+    out[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1.0)
+    return out
 
 
 def _head_chunk_rows(weight: torch.Tensor) -> int:
@@ -215,8 +215,15 @@ def _epilogue_torch(grad_xn: torch.Tensor, hidden: torch.Tensor, gain: torch.Ten
     ``grad_xn`` (B, S, D) fp32 gradient of ``input_layernorm``'s output, ``hidden`` (B, S, D)
     its input, ``rows`` (B, K) loss rows whose residual gradient ``grad_residual`` (B, K, D)
     is added. Returns (B, S) fp32 ``|| dH ||_2``.
+
+    This runs on every (B, S, D) row, so the RMSNorm backward (:func:`_rms_norm_backward`'s
+    formula) works in place on one buffer rather than through temporaries.
     """
-    grad_h = _rms_norm_backward(hidden, _rms_scale(hidden, eps), grad_xn * gain.float())
+    x = hidden.float()
+    rstd = _rms_scale(x, eps)
+    grad = grad_xn * gain.float()
+    coef = (grad * x).mean(dim=-1, keepdim=True).mul_(rstd.pow(3))
+    grad_h = grad.mul_(rstd).addcmul_(x, coef, value=-1.0)
     grad_h.scatter_add_(1, rows[..., None].expand_as(grad_residual), grad_residual)
     return grad_h.norm(dim=-1)
 
