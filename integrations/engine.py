@@ -385,14 +385,15 @@ def install(model: nn.Module, adapter: Adapter, config) -> PioState:
         def image_features(*args, **kwargs):
             if state.encoder_features is not None:  # computed by the prefill's pre-hook
                 out, state.encoder_features = state.encoder_features, None
-                return out
-            if state.config.encoder_keep is not None:
+            elif state.config.encoder_keep is not None:
                 named = dict(signature.bind_partial(*args, **kwargs).arguments)
                 named.update(named.pop("kwargs", {}))
                 out, state.encoder_kept, state.encoder_counts = adapter.reduce_encoder_features(
                     model, named, state.config.encoder_keep, state.config.tau)
-                return out
-            out = original(*args, **kwargs)
+            else:
+                out = original(*args, **kwargs)
+            # Whatever the features are (stock or reduced), the adapter learns their sizes: the
+            # stages need them to tell adjacent images apart.
             if state.call is not None:
                 adapter.on_image_features(model, state.call, out)
             return out

@@ -620,3 +620,20 @@ def test_cuda_bf16_cached_decoding_against_fp32_reduced_model(attn, stages):
     err_pio = (logits[0].float() - ref32[-n:]).abs().max()
     err_torch = (ref16[-n:].float() - ref32[-n:]).abs().max()
     assert err_pio <= 2 * err_torch + 1e-6, (err_pio, err_torch)
+
+
+def test_encoder_selection_keeps_stage_budgets_per_image_for_adjacent_images():
+    # Two images with no text between them: after the encoder side, the stage must still tell
+    # where one image ends (from the reduced features), not take both for one run of tokens.
+    model = _llava_encoder()
+    ids = torch.tensor([[1, 2, 3] + [IMAGE] * 128 + [4, 5, 6, 7, 8]])
+    apply_pio(model, PioConfig(layers=[2], keep=[10], encoder_keep=40))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=_enc_pixels(2))
+        kept = last_selection(model)[0][0]
+    finally:
+        remove_pio(model)
+    kept = kept[kept >= 0]
+    assert int(((kept >= 3) & (kept < 67)).sum()) == 10
+    assert int(((kept >= 67) & (kept < 131)).sum()) == 10
