@@ -1,4 +1,4 @@
-// Argument checks of pio::select_tokens shared by its kernels (csrc/cpu, csrc/cuda), so a
+// Argument checks (and the fp32 threshold) of pio::select_tokens shared by its kernels (csrc/cpu, csrc/cuda), so a
 // direct torch.ops.pio.select_tokens call refuses bad input the same way on every device.
 // TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as ValueError / TypeError. Only
 // shapes, dtypes and devices are read here; the values of `lengths` are each kernel's own
@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace pio {
@@ -34,6 +35,15 @@ inline void check_select_tokens_args(const at::Tensor& features, const at::Tenso
     TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == B, "lengths must be (B,) = (", B, ",), got ",
                       l.sizes());
   }
+}
+
+// tau as the fp32 scalar torch compares an fp32 cosine with (the reference's ``x @ x.T >= tau``),
+// saturating so a huge |tau| becomes +-inf instead of overflowing the cast.
+inline float fp32_threshold(double tau) {
+  constexpr float kMax = std::numeric_limits<float>::max();
+  if (tau > kMax) return std::numeric_limits<float>::infinity();
+  if (tau < -kMax) return -std::numeric_limits<float>::infinity();
+  return static_cast<float>(tau);
 }
 
 }  // namespace pio

@@ -92,8 +92,10 @@ def _check_select_tokens_args(features: torch.Tensor, scores: torch.Tensor, budg
         raise TypeError(f"budget must be an int, got {type(budget).__name__}")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau != tau:
-        raise ValueError(f"tau must be a real number, got {tau!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    if tau != tau:
+        raise ValueError("tau must not be NaN")
     if scores.device != features.device:
         raise ValueError(f"scores must be on the device of features ({features.device}), got {scores.device}")
     if lengths is not None:

@@ -123,10 +123,7 @@ at::Tensor select_tokens_cpu(const at::Tensor& features, const at::Tensor& score
     }
   }
 
-  // tau as the fp32 scalar torch compares with (saturating, so a huge tau is +-inf).
-  const float tau_f = tau > std::numeric_limits<float>::max()    ? std::numeric_limits<float>::infinity()
-                      : tau < -std::numeric_limits<float>::max() ? -std::numeric_limits<float>::infinity()
-                                                                 : static_cast<float>(tau);
+  const float tau_f = fp32_threshold(tau);
   at::Tensor out = at::empty({B, budget}, features.options().dtype(at::kLong));
   const double* sp = s.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();

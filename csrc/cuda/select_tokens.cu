@@ -287,6 +287,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& features, const at::Tensor& scor
   check_select_tokens_args(features, scores, budget, tau, lengths);
   const int64_t B = features.size(0), N = features.size(1), D = features.size(2);
   TORCH_CHECK_VALUE(N < (int64_t{1} << 30) && D < (int64_t{1} << 30), "N and D must be < 2^30");
+  TORCH_CHECK_VALUE(B <= 65535, "batch must be <= 65535 on CUDA, got ", B);
   const c10::cuda::CUDAGuard guard(features.device());
   at::Tensor out = at::empty({B, budget}, features.options().dtype(at::kLong));
   if (B == 0) return out;
@@ -313,16 +314,13 @@ at::Tensor select_tokens_cuda(const at::Tensor& features, const at::Tensor& scor
 
   const int64_t M = std::min({N, std::max(kPrefixPerBudget * std::min(budget, N), kPrefixMin), kPrefixMax});
   const int64_t W = (M + 31) / 32, Wn = (N + 31) / 32, P = std::min(budget, N);
-  const float tau_f = tau > std::numeric_limits<float>::max()    ? std::numeric_limits<float>::infinity()
-                      : tau < -std::numeric_limits<float>::max() ? -std::numeric_limits<float>::infinity()
-                                                                 : static_cast<float>(tau);
+  const float tau_f = fp32_threshold(tau);
   at::Tensor mask = at::empty({B, M, W}, features.options().dtype(at::kInt));
   at::Tensor picks = at::empty({B, P}, features.options().dtype(at::kInt));
   at::Tensor chosen = at::zeros({B, Wn}, features.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const int tiles = static_cast<int>((M + kTile - 1) / kTile);
-  TORCH_CHECK_VALUE(B <= 65535, "batch must be <= 65535 on CUDA, got ", B);
   similarity_mask_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(B)), kMaskThreads, 0, stream>>>(
       xn.data_ptr<float>(), order.data_ptr<int>(), len.data_ptr<int64_t>(),
       reinterpret_cast<uint32_t*>(mask.data_ptr<int>()), static_cast<int>(N), static_cast<int>(D),
