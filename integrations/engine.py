@@ -109,13 +109,12 @@ Shared rules: :func:`split_local_global` (local windows + global top) and
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.attention
@@ -129,8 +128,6 @@ __all__ = ["Adapter", "PioState", "adapter_for", "build_attention_mask", "instal
 # Modules of this package that define adapters; each registers itself when imported.
 _BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl")
 _ADAPTERS: list["Adapter"] = []
-_ALL_SDPA_BACKENDS = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
-                      torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.MATH]
 _MASK_KINDS = {"eager": "additive", "sdpa": "bool", "flash_attention_2": "2d", "flash_attention_3": "2d"}
 
 
@@ -627,14 +624,11 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
                             torch.full_like(prev.index, -1))
     image_ids = torch.where(prev.valid, image_ids, torch.full_like(image_ids, -1))
     mask2d = None if bool(prev.valid.all()) else prev.valid.long()
-    state.in_probe = True
+    state.in_probe = True  # the reference probe calls ``layer`` itself: its hook must stand aside
     try:
-        # The probe runs the layer with an explicit mask and needs key gradients: let SDPA pick
-        # any backend there, even where the caller forced one (e.g. flash) for the model itself.
-        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS), _outputs_not_recorded():
-            scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
-                                                prev.embeddings, attention_mask=mask2d,
-                                                num_positions=config.num_positions)
+        scores = pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden,
+                                            prev.embeddings, attention_mask=mask2d,
+                                            num_positions=config.num_positions)
     finally:
         state.in_probe = False
     keep = prev.valid & (image_ids < 0)
@@ -661,22 +655,6 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     prefill.cuts.append(cut)
     prefill.selection.append(_visual_rows(prefill, cut))
     return hidden
-
-
-@contextlib.contextmanager
-def _outputs_not_recorded() -> Iterator[None]:
-    """Keeps the probe's own layer call out of ``output_hidden_states`` / ``output_attentions``
-    (transformers records layer outputs through a context variable; absent: nothing to do)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        yield
-        return
-    token = _active_collector.set(None)
-    try:
-        yield
-    finally:
-        _active_collector.reset(token)
 
 
 def _select_images(hidden: torch.Tensor, scores: torch.Tensor, image_ids: torch.Tensor, keep_spec, tau: float,

@@ -65,19 +65,41 @@ def _causal_padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_le
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+_ALL_SDPA_BACKENDS = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+                      torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.MATH]
+
+
 @contextlib.contextmanager
 def _mask_friendly_attention(layer: nn.Module) -> Iterator[None]:
-    """Runs a layer whose config asks for flash attention through SDPA, which takes a 4-D mask."""
+    """Runs a layer whose config asks for flash attention through SDPA, which takes a 4-D mask,
+    and lets SDPA pick any backend, even where the caller forced one (e.g. flash) around us."""
     config = getattr(getattr(layer, "self_attn", None), "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    if config is None or impl in (None, "eager", "sdpa"):
+    switch = config is not None and impl not in (None, "eager", "sdpa")
+    if switch:
+        config._attn_implementation = "sdpa"
+    try:
+        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS):
+            yield
+    finally:
+        if switch:
+            config._attn_implementation = impl
+
+
+@contextlib.contextmanager
+def _outputs_not_recorded() -> Iterator[None]:
+    """Keeps this extra call of the layer out of a surrounding model's ``output_hidden_states`` /
+    ``output_attentions`` (transformers records layer outputs through a context variable)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # other transformers versions, or no transformers: nothing records
         yield
         return
-    config._attn_implementation = "sdpa"
+    token = _active_collector.set(None)
     try:
         yield
     finally:
-        config._attn_implementation = impl
+        _active_collector.reset(token)
 
 
 def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, hidden_states: torch.Tensor,
@@ -104,7 +126,8 @@ def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, 
     batch, seq_len, _ = hidden_states.shape
     # Everything autograd saves is made inside inference_mode(False): an inference tensor
     # (the caller's inputs, or anything built from them under inference_mode) cannot be.
-    with torch.inference_mode(False), torch.enable_grad(), _mask_friendly_attention(layer):
+    with torch.inference_mode(False), torch.enable_grad(), _mask_friendly_attention(layer), \
+            _outputs_not_recorded():
         mask_2d = None if attention_mask is None else attention_mask.clone()
         rows = loss_positions(mask_2d, batch, seq_len, num_positions, device=hidden_states.device)
         h = hidden_states.detach().clone().requires_grad_(True)

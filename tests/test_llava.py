@@ -195,7 +195,17 @@ def test_padded_batch_equals_each_sample_alone(side):
     assert (sel_batch[0][0] == -1).sum() == 6  # the one-image sample is padded with -1
 
 
-def test_inference_mode_equals_no_grad():
+@pytest.fixture(params=["fast", "reference"])
+def probe(request, monkeypatch):
+    """Runs a test with the engine's saliency probe as shipped, and forced to the reference
+    (the path of layers without a fast path: it calls the layer itself, with hooks installed)."""
+    if request.param == "reference":
+        import pio_kernels
+        monkeypatch.setattr(pio_kernels, "proxy_saliency", pio_kernels.reference.proxy_saliency)
+    return request.param
+
+
+def test_inference_mode_equals_no_grad(probe):
     model = _llava(layers=4)
     ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
     apply_pio(model, PioConfig(layers=[1, 3], keep=[6, 2]))
@@ -206,7 +216,7 @@ def test_inference_mode_equals_no_grad():
     assert torch.equal(got, want)
 
 
-def test_output_hidden_states_has_one_entry_per_layer():
+def test_output_hidden_states_has_one_entry_per_layer(probe):
     model = _llava(layers=4)
     ids = torch.tensor([_prompt([1, 2, 3], 1, [4, 5, 6, 7, 8])])
     apply_pio(model, PioConfig(layers=[2], keep=[4]))
