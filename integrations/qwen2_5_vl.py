@@ -32,11 +32,6 @@ __all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "encoder_selection", "vi
 _SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def vision_column_scores(attn: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                          position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Column means of one vision block's attention, without materialising the map (SPEC section 4).
@@ -57,10 +52,12 @@ def vision_column_scores(attn: nn.Module, hidden_states: torch.Tensor, cu_seqlen
     n = hidden_states.shape[0]
     heads = attn.num_heads
     q, k, _ = attn.qkv(hidden_states).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half  # the tower's own convention
+
     cos, sin = (t.float().unsqueeze(-2) for t in position_embeddings)
     q, k = q.float(), k.float()
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos + rotate_half(q) * sin  # as apply_rotary_pos_emb_vision, kept in fp32
+    k = k * cos + rotate_half(k) * sin
     q, k = q.transpose(0, 1) * attn.scaling, k.transpose(0, 1)  # (H, N, d)
     out = torch.zeros(n, dtype=torch.float32, device=hidden_states.device)
     bounds = cu_seqlens.tolist()
