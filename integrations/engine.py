@@ -746,17 +746,15 @@ def _encoder_stage(state: PioState, kwargs: dict) -> dict:
     mask2d = kwargs.get("attention_mask")
     valid = torch.ones(batch, seq, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool()
     keep &= valid
-    flat_local = torch.zeros(batch * seq, dtype=torch.long, device=device)
-    flat_map = image_map.flatten()
     is_img = reduced.flatten()
     if bool(is_img.any()):
-        # local index of every placeholder inside its image
-        starts = torch.tensor([0] + list(counts[:-1]), device=device).cumsum(0)
-        flat_local[is_img] = torch.arange(int(is_img.sum()), device=device) - starts[flat_map[is_img]]
+        # The placeholders take the images' tokens in row-major order, one image after another.
         kept_flat = torch.zeros(sum(counts), dtype=torch.bool, device=device)
-        for i, k in enumerate(kept):
-            kept_flat[int(starts[i]) + k.to(device)] = True
-        keep.view(-1)[is_img] = kept_flat[flat_local[is_img] + starts[flat_map[is_img]]]
+        offset = 0
+        for count, k in zip(counts, kept):
+            kept_flat[offset + k.to(device)] = True
+            offset += count
+        keep.view(-1)[is_img] = kept_flat
     src, new_valid = _compact(keep)
     dropped = valid & ~keep
     dropped_before = (dropped.long().cumsum(1) - dropped.long()).gather(1, src)
