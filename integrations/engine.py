@@ -313,7 +313,6 @@ class _Cut:
     """The rows that a group of layers sees after a stage (or the prompt itself)."""
 
     layer: int                      # first layer that sees these rows (0 for the prompt)
-    src: torch.Tensor               # (B, S_c) rows of the previous cut
     index: torch.Tensor             # (B, S_c) rows of the language model's prompt, -1 for padding
     valid: torch.Tensor             # (B, S_c) bool
     positions: torch.Tensor         # adapter-defined, rows of this cut
@@ -520,7 +519,7 @@ def _lm_pre_hook(state: PioState) -> Callable:
             prefill = _Prefill(seq_len=q, image_map=image_map.to(device), caller_index=caller_index, mask_kind=kind,
                                caller_len=call.get("_caller_len", q))
             prefill.encoder_selection = call.get("_encoder_selection")
-            prefill.cuts.append(_Cut(layer=0, src=arange, index=arange, valid=valid, positions=positions,
+            prefill.cuts.append(_Cut(layer=0, index=arange, valid=valid, positions=positions,
                                      shift=torch.zeros(batch, dtype=torch.long, device=device), identity=True))
             state.prefill = prefill
             state.step = {"prefill": True, "hidden": hidden}
@@ -635,9 +634,8 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     _select_images(hidden, scores, image_ids, config.keep[stage], config.tau, keep)
     dropped = prev.valid & ~keep
     if not bool(dropped.any()):
-        cut = _Cut(layer=config.layers[stage], src=torch.arange(prev.src.shape[1], device=hidden.device).expand_as(prev.src),
-                   index=prev.index, valid=prev.valid, positions=prev.positions, shift=prev.shift,
-                   identity=prev.identity, embeddings=prev.embeddings, mask=prev.mask)
+        cut = _Cut(layer=config.layers[stage], index=prev.index, valid=prev.valid, positions=prev.positions,
+                   shift=prev.shift, identity=prev.identity, embeddings=prev.embeddings, mask=prev.mask)
         prefill.cuts.append(cut)
         prefill.selection.append(_visual_rows(prefill, cut))
         return hidden
@@ -650,7 +648,7 @@ def _run_stage(state: PioState, layer: nn.Module, stage: int, hidden: torch.Tens
     index = torch.where(valid, prev.index.gather(1, src), torch.full_like(src, -1))
     embeddings = state.adapter.position_embeddings(state.model, hidden, positions)
     mask = build_attention_mask(prefill.mask_kind, valid, valid.shape[1], hidden.dtype)
-    cut = _Cut(layer=config.layers[stage], src=src, index=index, valid=valid, positions=positions,
+    cut = _Cut(layer=config.layers[stage], index=index, valid=valid, positions=positions,
                shift=prev.shift + dropped.sum(1), identity=False, embeddings=embeddings, mask=mask)
     prefill.cuts.append(cut)
     prefill.selection.append(_visual_rows(prefill, cut))
