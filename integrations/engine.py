@@ -698,16 +698,19 @@ def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return src, valid
 
 
+def _ascending_padded(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(B, k) the ``values`` (B, S) where ``present``, ascending per row, -1 padded; k the widest row."""
+    width = int(present.sum(1).max()) if values.numel() else 0
+    sentinel = torch.iinfo(torch.long).max
+    ordered = torch.sort(torch.where(present, values, torch.full_like(values, sentinel)), dim=1).values[:, :width]
+    return torch.where(ordered == sentinel, torch.full_like(ordered, -1), ordered)
+
+
 def _visual_rows(prefill: _Prefill, cut: _Cut) -> torch.Tensor:
     """(B, k) caller positions of the visual rows present in ``cut``, ascending, -1 padded."""
     rows = cut.index.clamp_min(0)
     is_visual = cut.valid & (cut.index >= 0) & (prefill.image_map.gather(1, rows) >= 0)
-    caller = prefill.caller_index.gather(1, rows)
-    caller = torch.where(is_visual, caller, torch.full_like(caller, -1))
-    width = int(is_visual.sum(1).max()) if caller.numel() else 0
-    ordered = torch.sort(torch.where(is_visual, caller, torch.full_like(caller, torch.iinfo(torch.long).max)),
-                         dim=1).values[:, :width]
-    return torch.where(ordered == torch.iinfo(torch.long).max, torch.full_like(ordered, -1), ordered)
+    return _ascending_padded(prefill.caller_index.gather(1, rows), is_visual)
 
 
 def _encoder_stage(state: PioState, kwargs: dict) -> dict:
@@ -768,10 +771,7 @@ def _encoder_stage(state: PioState, kwargs: dict) -> dict:
     new.update(adapter.shrink_call(model, kwargs, src))
     caller_index = torch.where(new_valid, src, torch.zeros_like(src))
     is_visual = new_valid & (image_map.gather(1, src) >= 0)
-    selection = torch.sort(torch.where(is_visual, src, torch.full_like(src, seq)), dim=1).values
-    width = int(is_visual.sum(1).max())
-    selection = selection[:, :width]
-    selection = torch.where(selection == seq, torch.full_like(selection, -1), selection)
+    selection = _ascending_padded(src, is_visual)
     new["_caller_index"] = caller_index
     new["_caller_len"] = seq
     new["_encoder_selection"] = selection
