@@ -341,13 +341,11 @@ def test_padded_batch_equals_single_samples(padding_side):
         remove_pio(model)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_cached_decode_equals_reduced_model_from_scratch(attn):
-    model = _model(attn)
-    layers, keep = [1, 3], [0.5, 0.34]
-    inputs = make_inputs(SAMPLES, padding_side="left", seed=3)
+def _generate_matches_reduced_model(model, inputs, layers, keep, encoder_keep=None):
+    """``generate`` (4 greedy tokens, cached) with pio applied; every step's logits must equal the
+    reduced model recomputed from scratch. Returns the new tokens and the reference logits."""
     seq_len = inputs["input_ids"].shape[1]
-    apply_pio(model, PioConfig(layers=layers, keep=keep))
+    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
     try:
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
@@ -355,10 +353,21 @@ def test_cached_decode_equals_reduced_model_from_scratch(attn):
     finally:
         remove_pio(model)
     new = gen.sequences[:, seq_len:]
-    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel)
+    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel,
+                               encoder_keep=encoder_keep)
     for step, logits in enumerate(gen.logits):
-        for b in range(len(SAMPLES)):
+        for b in range(logits.shape[0]):
             torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+    return new, ref
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decode_equals_reduced_model_from_scratch(attn):
+    model = _model(attn)
+    layers, keep = [1, 3], [0.5, 0.34]
+    inputs = make_inputs(SAMPLES, padding_side="left", seed=3)
+    seq_len = inputs["input_ids"].shape[1]
+    new, ref = _generate_matches_reduced_model(model, inputs, layers, keep)
     # greedy decoding follows the reduced model's own argmax
     for step in range(new.shape[1]):
         assert new[:, step].tolist() == [int(ref[b][seq_len - 1 + step].argmax()) for b in range(len(SAMPLES))]
@@ -577,20 +586,7 @@ def test_encoder_selection_cached_decode_equals_from_scratch(attn):
     model = _model(attn)
     layers, keep, encoder_keep = [2], [0.5], 0.5
     inputs = make_inputs(SAMPLES, padding_side="left", seed=9)
-    seq_len = inputs["input_ids"].shape[1]
-    apply_pio(model, PioConfig(layers=layers, keep=keep, encoder_keep=encoder_keep))
-    try:
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-        sel = _selection_lists(model)
-    finally:
-        remove_pio(model)
-    new = gen.sequences[:, seq_len:]
-    ref, _ = reference_reduced(model, inputs, layers, keep, new_tokens=new[:, :-1], selection=sel,
-                               encoder_keep=encoder_keep)
-    for step, logits in enumerate(gen.logits):
-        for b in range(len(SAMPLES)):
-            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+    _generate_matches_reduced_model(model, inputs, layers, keep, encoder_keep=encoder_keep)
 
 
 @pytest.mark.parametrize("encoder_keep", [None, 0.5])
