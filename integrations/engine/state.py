@@ -157,3 +157,16 @@ class PioState:
         self.runs: list[VisionRun] = []          # image-feature calls since the last prefill
         self.run: VisionRun | None = None        # the image-feature call in progress
         self.in_probe = False                    # a scoring rule is running a layer itself
+
+    def current_cut(self, layer_idx: int) -> Cut | None:
+        """The rows decoder layer ``layer_idx`` sees in the language-model call in progress.
+
+        ``None`` outside a call that pio changes (the model's own rows). In a prefill, the prompt
+        rows of that layer; in a decoding step, the prompt rows its cache holds (the new rows
+        follow them); in a replay, the prompt rows it keeps (the new rows follow them too)."""
+        if self.pending is not None:
+            return self.pending.cut_for_layer(layer_idx)
+        if self.step is not None:
+            return self.step.prefill.cut_for_layer(layer_idx)
+        return None
+
