@@ -90,10 +90,12 @@ def stored_length(cache, layer_idx: int = 0) -> int:
 
 def output_cache(output) -> Any:
     """The KV cache a model output carries (``cache`` from 5.24, ``past_key_values`` before)."""
-    for key in CACHE_KEYS:
-        cache = getattr(output, key, None) if not isinstance(output, tuple) else None
-        if cache is not None:
-            return cache
+    if isinstance(output, tuple):
+        return None
+    fields = getattr(output, "__dataclass_fields__", {})
+    for key in CACHE_KEYS:  # the field this release defines (reading a deprecated alias would warn)
+        if key in fields:
+            return getattr(output, key)
     return None
 
 

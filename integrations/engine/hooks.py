@@ -18,10 +18,11 @@ One forward, as the hooks see it:
      ``encoder_keep`` it makes the encoder cut and hands the language model the kept rows;
    * a **continuation** of a prefill pio made (decoding steps, a multi-turn continuation: the
      record sits on the cache): it maps the caller's mask and positions onto the rows stored;
-   * a **replay**: an uncached call that repeats the last prompt plus new tokens
-     (``use_cache=False``): the prompt's selection is reused, once per prompt;
-5. the pre-hooks of decoder layers ``layers[0]`` on run a stage (prefill), or hand each layer
-   the mask and positions of the rows its cache holds;
+   * a **replay**: a call from an empty cache that repeats the last prompt plus new tokens
+     (``use_cache=False`` decoding, assisted decoding's first call): the prompt's selection is
+     reused (one selection per prompt), every new row is kept;
+5. the pre-hooks of decoder layers ``layers[0]`` on run a stage (prefill; a replay gathers the
+   rows its prompt kept), or hand each layer the mask and positions of the rows its cache holds;
 6. the language model's forward hook scatters the last hidden state back onto the caller's
    rows (rows of dropped tokens are NaN), writes the record onto the cache, and makes the cache
    report lengths in the caller's numbering (:func:`~..hf.report_caller_lengths`).
@@ -39,7 +40,7 @@ from .. import hf
 from . import encoder as encoder_side
 from .adapter import Adapter
 from .masks import build_attention_mask
-from .stage import replay_stage, run_stage, step_inputs
+from .stage import cut_inputs, extend_prefill, gather_rows, run_stage, step_inputs
 from .state import Cut, PioState, Prefill, Step, VisionRun, time_mark
 
 __all__ = ["install", "uninstall"]
@@ -106,7 +107,14 @@ class _Generate(_Hook):
         if modes["prefill_chunk_size"]:
             raise NotImplementedError("pio does not support generate with prefill_chunk_size: a chunked prefill "
                                       "would select in its first chunk only; generate without it")
-        return self.original(*args, **kwargs)
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        outer, self.state.prompt_len = self.state.prompt_len, None if prompt is None else int(prompt.shape[1])
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.state.prompt_len = outer
 
 
 class _ImageFeatures(_Hook):
@@ -219,10 +227,12 @@ class _LanguageModelHook(_Hook):
                                       "4-D mask transformers builds from them); got a custom 4-D attention_mask")
         last = state.prefill
         if last is not None and self._repeats(last, hidden, valid):
-            return self._replay(kwargs, hidden, last, valid, mask)
+            return self._replay(kwargs, hidden, cache, last, valid, mask)
         kind = hf.mask_kind(module.config._attn_implementation)
         prefill = Prefill(seq_len=q, image_map=image_map.to(device), prompt_valid=valid, mask_kind=kind,
                           static_len=hf.max_cache_length(cache))
+        if state.prompt_len is not None and q > state.prompt_len:  # assisted decoding: prompt + candidates
+            prefill.prompt_len = state.prompt_len
         positions = adapter.prompt_positions(model, kwargs, batch, q, device)
         index = torch.arange(q, device=device).expand(batch, q)
         prefill.cuts.append(Cut(layer=0, index=index, valid=valid, positions=positions,
@@ -252,33 +262,36 @@ class _LanguageModelHook(_Hook):
 
     @staticmethod
     def _repeats(last: Prefill, hidden: torch.Tensor, valid: torch.Tensor) -> bool:
-        """Whether this uncached call is the last prompt plus new tokens (same rows, same features)."""
+        """Whether this call from an empty cache is the last prompt plus new tokens (same padding,
+        same rows up to rounding: the image features may come from another batch of images)."""
         s0 = last.seq_len
         if hidden.shape[0] != last.image_map.shape[0] or hidden.shape[1] <= s0 or last.fingerprint is None:
             return False
-        return bool(torch.equal(valid[:, :s0], last.prompt_valid)
-                    and torch.equal(_fingerprint(hidden[:, :s0]), last.fingerprint))
+        if not torch.equal(valid[:, :s0], last.prompt_valid):
+            return False
+        # The same rows, up to the rounding of computing the image features in another batch.
+        now, then = _fingerprint(hidden[:, :s0]).float(), last.fingerprint.float()
+        scale = then.abs().amax().clamp_min(1e-30)
+        return bool(((now - then).abs() <= 1e-4 * scale + 1e-4 * then.abs()).all())
 
-    def _replay(self, kwargs, hidden, prefill: Prefill, valid, mask):
+    def _replay(self, kwargs, hidden, cache, last: Prefill, valid, mask):
+        """An uncached call that repeats the last prompt: the prompt's selection again, new rows kept."""
         state, adapter = self.state, self.state.adapter
         batch, q = hidden.shape[:2]
-        s0 = prefill.seq_len
+        s0 = last.seq_len
         positions = adapter.step_positions(state.model, _sliced_positions(kwargs, q - s0), batch, s0, q - s0,
                                            hidden.device)
-        step = Step(prefill=prefill, past=0, q=q, new_valid=valid[:, s0:], positions=positions, hidden=hidden,
-                    replay=True)
-        state.step = step
-        cut0 = prefill.cuts[0]
-        if prefill.encoder_embeds is None:
+        prefill = extend_prefill(state, last, valid, positions, hf.max_cache_length(cache))
+        prefill.fingerprint = _fingerprint(hidden)
+        state.pending = prefill
+        if last.encoder_embeds is None:
             return None
-        rows = torch.cat([prefill.encoder_embeds, hidden[:, s0:]], dim=1)
-        kv_valid = torch.cat([cut0.valid, step.new_valid], dim=1)
+        cut0 = prefill.cuts[0]
+        prefill.encoder_embeds = torch.cat([last.encoder_embeds, hidden[:, s0:]], dim=1)
         kwargs = dict(kwargs)
-        kwargs["inputs_embeds"] = rows
-        kwargs["attention_mask"] = _lm_mask(prefill, mask, kv_valid, kv_valid.shape[1], rows.dtype)
-        kwargs["position_ids"] = adapter.lm_position_ids(
-            adapter.concat_positions(cut0.positions, adapter.decode_positions(positions, cut0.shift)))
-        step.hidden = rows
+        kwargs["inputs_embeds"] = prefill.encoder_embeds
+        kwargs["attention_mask"] = _lm_mask(prefill, mask, cut0.valid, cut0.width, hidden.dtype)
+        kwargs["position_ids"] = adapter.lm_position_ids(cut0.positions)
         return (), kwargs
 
     # a continuation of a cache pio filled ---------------------------------------------------
@@ -308,7 +321,10 @@ class _LanguageModelHook(_Hook):
         _check_stored(cache, 0, cut0, step)
         kv_valid = torch.cat([cut0.valid, step.new_valid], dim=1)
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _lm_mask(prefill, mask, kv_valid, q, hidden.dtype)
+        # The model's own mask would place the new rows after the length the cache reports (the
+        # caller's numbering); the rows cached are fewer, so the layers get the mask built here.
+        built = build_attention_mask(prefill.mask_kind, kv_valid, q, hidden.dtype, prefill.static_len)
+        kwargs["attention_mask"] = built if mask is None else hf.layer_mask_like(mask, built)
         kwargs["position_ids"] = adapter.lm_position_ids(adapter.decode_positions(positions, cut0.shift))
         return (), kwargs
 
@@ -318,7 +334,8 @@ class _LanguageModelHook(_Hook):
         prefill, step = state.pending, state.step
         state.pending = state.step = None
         if prefill is not None:
-            state.prefill = prefill
+            if not prefill.decided:  # a replay leaves the prompt's own record as the last prefill
+                state.prefill = prefill
             cache = _output_cache(output, kwargs)
             if cache is not None:
                 cache.__dict__[_RECORD] = prefill
@@ -326,12 +343,6 @@ class _LanguageModelHook(_Hook):
                 hf.report_caller_lengths(cache, [prefill.seq_len - prefill.cut_for_layer(i).width
                                                  for i in range(layers)])
             return self._scatter(output, prefill, prefill.cuts[-1].index, prefill.seq_len)
-        if step is not None and step.replay:
-            prefill = step.prefill
-            last = prefill.cuts[-1]
-            new = step.new_valid.shape[1]
-            tail = prefill.seq_len + torch.arange(new, device=last.index.device).expand(last.index.shape[0], new)
-            return self._scatter(output, prefill, torch.cat([last.index, tail], dim=1), prefill.seq_len + new)
         return None
 
     def _scatter(self, output, prefill: Prefill, index: torch.Tensor, length: int):
@@ -347,7 +358,7 @@ class _LanguageModelHook(_Hook):
         full = hidden.new_full((batch, length + 1, dim), float("nan"))
         full.scatter_(1, target[..., None].expand(-1, -1, dim), hidden)
         full, present = full[:, :length], present[:, :length]
-        caller_valid = torch.cat([prefill.prompt_valid, present.new_ones(batch, length - prefill.seq_len)], dim=1)
+        caller_valid = prefill.prompt_valid
         full = torch.where(~present[..., None] & ~caller_valid[..., None], torch.zeros_like(full), full)
         _mask_labels(self.state.labels, present | ~caller_valid)
         if hasattr(output, "last_hidden_state"):
@@ -369,7 +380,8 @@ def _has_images(call: dict, runs: list) -> bool:
 
 
 def _fingerprint(hidden: torch.Tensor) -> torch.Tensor:
-    """(B, S) a fixed random projection of the rows: equal rows give equal fingerprints, bit for bit."""
+    """(B, S) a fixed random projection of the rows: rows that differ give different values, rows
+    equal up to rounding give values equal up to rounding."""
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
     direction = torch.randn(hidden.shape[-1], generator=gen).to(hidden.device, hidden.dtype)
     return hidden.contiguous() @ direction
@@ -422,24 +434,24 @@ class _LayerHook(_Hook):
         hidden = args[0] if args else kwargs["hidden_states"]
         prefill = state.pending
         if prefill is not None:
-            if self.stage is not None:
+            gathered = self.stage is not None
+            if gathered and prefill.decided:
+                hidden = gather_rows(hidden, prefill.cuts[self.stage + 1].src)
+            elif gathered:
                 hidden = run_stage(state, prefill, module, self.stage, hidden, kwargs)
-            cut = prefill.cuts[-1]
+            cut = prefill.cut_for_layer(self.layer_idx)
             if not cut.replaces:
-                return None
+                return _replace(args, kwargs, hidden, None, None, None, keep=True) if gathered else None
+            cut_inputs(state, prefill, cut, hidden)
             return _replace(args, kwargs, hidden, cut.mask, cut.embeddings,
                             state.adapter.layer_position_ids(cut.positions))
         step = state.step
         if step is None:
             return None
         cut = step.prefill.cut_for_layer(self.layer_idx)
-        if step.replay and self.stage is not None:
-            stage_cut = step.prefill.cuts[self.stage + 1]
-            hidden = replay_stage(step, stage_cut, step.prefill.cuts[self.stage], hidden)
         if not cut.replaces:
-            return None if not step.replay else _replace(args, kwargs, hidden, None, None, None, keep=True)
-        if not step.replay:
-            _check_stored(hf.get_cache(kwargs), self.layer_idx, cut, step)
+            return None
+        _check_stored(hf.get_cache(kwargs), self.layer_idx, cut, step)
         mask, embeddings, position_ids = step_inputs(state, step, cut, hidden.dtype)
         return _replace(args, kwargs, hidden, mask, embeddings, position_ids)
 

@@ -7,9 +7,10 @@ budget (every image of the batch at once), and returns the gathered hidden state
 :class:`~.state.Cut`. The work is batched over samples and images: a stage reads back a fixed
 handful of values (the image sizes, the widest sample), whatever the number of tokens.
 
-A *replay* (:func:`replay_stage`) is a from-scratch call that repeats a prompt already
-selected (``use_cache=False`` decoding): the stage keeps the rows the prompt's prefill kept
-and every row after the prompt, so the result is the reduced model of cached decoding.
+A *replay* (:func:`extend_prefill`) is a from-scratch call that repeats a prompt already
+selected (``use_cache=False`` decoding, assisted decoding's first call): its stages keep the
+rows the prompt's prefill kept and every row after the prompt, so the result is the reduced
+model of cached decoding.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import pio_kernels
 from .masks import build_attention_mask
 from .state import Cut, Prefill, Step
 
-__all__ = ["compact", "cut_rows", "resolve_budget", "run_stage", "replay_stage", "select_per_image", "step_inputs"]
+__all__ = ["compact", "cut_inputs", "cut_rows", "extend_prefill", "gather_rows", "resolve_budget", "run_stage",
+           "select_per_image", "step_inputs"]
 
 
 def resolve_budget(keep: int | float, n: int) -> int:
@@ -137,9 +139,12 @@ def _candidates(prefill: Prefill, cut: Cut) -> torch.Tensor:
 
     Text, padding and each sample's last real row (it predicts the next token) are never dropped."""
     rows = cut.index.clamp_min(0)
-    ids = torch.where(cut.valid & (cut.index >= 0), prefill.image_map.gather(1, rows), torch.full_like(rows, -1))
+    real = cut.valid & (cut.index >= 0)
+    if prefill.prompt_len is not None:  # rows past the caller's prompt (assisted decoding's candidates)
+        real &= cut.index < prefill.prompt_len
+    ids = torch.where(real, prefill.image_map.gather(1, rows), torch.full_like(rows, -1))
     arange = torch.arange(cut.width, device=rows.device)
-    last = torch.where(cut.valid, arange, torch.full_like(arange, -1)).max(dim=1).values
+    last = torch.where(real, arange, torch.full_like(arange, -1)).max(dim=1).values
     return ids.scatter(1, last.clamp_min(0)[:, None], -1)
 
 
@@ -173,11 +178,12 @@ def run_stage(state, prefill: Prefill, layer, stage: int, hidden: torch.Tensor, 
         prev.mask = kwargs.get("attention_mask")
     slot = prefill.stats.start("stage", hidden.device)
     ids = _candidates(prefill, prev)
-    all_valid = bool(prev.valid.all())
+    valid = prev.valid if prefill.prompt_len is None else prev.valid & (prev.index < prefill.prompt_len)
+    all_valid = bool(valid.all())
     state.in_probe = True  # a rule may run ``layer`` itself (the reference probe): its hook stands aside
     try:
         with torch.profiler.record_function("pio::score"):
-            scores = _score(state, layer, hidden, prev.embeddings, prev.valid, ids, all_valid)
+            scores = _score(state, layer, hidden, prev.embeddings, valid, ids, all_valid)
     finally:
         state.in_probe = False
     keep = prev.valid & (ids < 0)
@@ -195,30 +201,58 @@ def run_stage(state, prefill: Prefill, layer, stage: int, hidden: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Continuations: decoding steps and replays
+# Replays and decoding steps
 # ----------------------------------------------------------------------------------------------
-def step_inputs(state, step: Step, cut: Cut, dtype: torch.dtype) -> tuple[Any, tuple, Any]:
-    """(mask, (cos, sin), position_ids) of the layers behind ``cut`` in a decoding step or replay."""
-    key = id(cut)
-    if key in step.per_cut:
-        return step.per_cut[key]
-    adapter, prefill = state.adapter, step.prefill
-    new_positions = adapter.decode_positions(step.positions, cut.shift)
-    kv_valid = torch.cat([cut.valid, step.new_valid], dim=1)
-    if step.replay:
-        positions = adapter.concat_positions(cut.positions, new_positions)
-        mask = build_attention_mask(prefill.mask_kind, kv_valid, kv_valid.shape[1], dtype, prefill.static_len)
-    else:
-        positions = new_positions
-        mask = build_attention_mask(prefill.mask_kind, kv_valid, step.q, dtype, prefill.static_len)
-    embeddings = adapter.position_embeddings(state.model, step.hidden, positions)
-    step.per_cut[key] = (mask, embeddings, adapter.layer_position_ids(positions))
-    return step.per_cut[key]
+def extend_prefill(state, prefill: Prefill, valid: torch.Tensor, new_positions: torch.Tensor,
+                   static_len: int | None) -> Prefill:
+    """The prefill of a call that repeats ``prefill``'s prompt and appends rows (a replay).
+
+    Every cut keeps the prompt rows it kept, then every new row, whose positions follow the
+    cut's numbering as in decoding. ``valid`` (B, q): the call's validity; ``new_positions``:
+    the caller's positions of the q - S0 new rows. The result is *decided*: its stages gather
+    rows instead of selecting, so the call computes the reduced model of cached decoding."""
+    adapter = state.adapter
+    batch, q = valid.shape
+    s0 = prefill.seq_len
+    new = q - s0
+    device = valid.device
+    tail = s0 + torch.arange(new, device=device).expand(batch, new)
+    new_valid = valid[:, s0:]
+    ext = Prefill(seq_len=q, image_map=torch.cat([prefill.image_map, torch.full_like(tail, -1)], dim=1),
+                  prompt_valid=valid, mask_kind=prefill.mask_kind, static_len=static_len, decided=True,
+                  encoder_ran=prefill.encoder_ran)
+    for i, cut in enumerate(prefill.cuts):
+        src = None
+        if cut.src is not None:
+            src = torch.cat([cut.src, prefill.cuts[i - 1].width + torch.arange(new, device=device).expand(batch, new)],
+                            dim=1)
+        positions = adapter.concat_positions(cut.positions, adapter.decode_positions(new_positions, cut.shift))
+        ext.cuts.append(Cut(layer=cut.layer, index=torch.cat([cut.index, tail], dim=1),
+                            valid=torch.cat([cut.valid, new_valid], dim=1), positions=positions, shift=cut.shift,
+                            src=src, replaces=cut.replaces))
+    return ext
 
 
-def replay_stage(step: Step, stage_cut: Cut, prev: Cut, hidden: torch.Tensor) -> torch.Tensor:
-    """The rows a replay keeps at a stage: the prompt rows the prefill kept, then every new row."""
-    new = step.new_valid.shape[1]
-    tail = prev.width + torch.arange(new, device=hidden.device).expand(hidden.shape[0], new)
-    src = torch.cat([stage_cut.src, tail], dim=1)
+def gather_rows(hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The rows ``src`` (B, W) of ``hidden`` (B, S, D)."""
     return hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def cut_inputs(state, prefill: Prefill, cut: Cut, hidden: torch.Tensor) -> None:
+    """Fills in the prefill mask and (cos, sin) of a cut that replaces the model's (once)."""
+    if cut.embeddings is None:
+        cut.embeddings = state.adapter.position_embeddings(state.model, hidden, cut.positions)
+        cut.mask = build_attention_mask(prefill.mask_kind, cut.valid, cut.width, hidden.dtype, prefill.static_len)
+
+
+def step_inputs(state, step: Step, cut: Cut, dtype: torch.dtype) -> tuple[Any, tuple, Any]:
+    """(mask, (cos, sin), position_ids) of the layers behind ``cut`` in a decoding step."""
+    key = id(cut)
+    if key not in step.per_cut:
+        adapter, prefill = state.adapter, step.prefill
+        positions = adapter.decode_positions(step.positions, cut.shift)
+        kv_valid = torch.cat([cut.valid, step.new_valid], dim=1)
+        mask = build_attention_mask(prefill.mask_kind, kv_valid, step.q, dtype, prefill.static_len)
+        embeddings = adapter.position_embeddings(state.model, step.hidden, positions)
+        step.per_cut[key] = (mask, embeddings, adapter.layer_position_ids(positions))
+    return step.per_cut[key]

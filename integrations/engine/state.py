@@ -106,6 +106,8 @@ class Prefill:
     encoder_ran: bool = False                    # encoder-side selection ran (it may have kept everything)
     encoder_embeds: torch.Tensor | None = None   # (B, W0, D) the reduced, merged input of cuts[0]
     fingerprint: torch.Tensor | None = None      # (B, S0) a projection of the prompt, for replays
+    decided: bool = False                        # a replay: stages gather the rows of an earlier prefill
+    prompt_len: int | None = None                # rows of the caller's prompt when the call holds more
     stats: Stats = field(default_factory=Stats)
 
     def cut_for_layer(self, layer_idx: int) -> Cut:
@@ -118,15 +120,14 @@ class Prefill:
 
 @dataclass
 class Step:
-    """One language-model call that continues a prefill (a decoding step or a replay)."""
+    """One language-model call that continues a cache a prefill filled (a decoding step)."""
 
     prefill: Prefill
-    past: int                         # cached tokens in the caller's numbering (0 for a replay)
+    past: int                         # cached tokens in the caller's numbering
     q: int                            # new rows of this call
     new_valid: torch.Tensor           # (B, past + q - S0) caller validity of every row after the prompt
     positions: torch.Tensor           # positions of the q new rows, caller numbering
     hidden: torch.Tensor              # the language model's input (for rotary dtype/device)
-    replay: bool = False              # a from-scratch call that repeats the prompt (no cache)
     per_cut: dict = field(default_factory=dict)
 
 
@@ -154,6 +155,7 @@ class PioState:
         self.pending: Prefill | None = None      # the prefill in progress (set at the language-model call)
         self.step: Step | None = None            # the continuation in progress
         self.labels: torch.Tensor | None = None  # the caller's labels, cloned, while a forward runs
+        self.prompt_len: int | None = None       # length of the prompt of the generate call in progress
         self.runs: list[VisionRun] = []          # image-feature calls since the last prefill
         self.run: VisionRun | None = None        # the image-feature call in progress
         self.in_probe = False                    # a scoring rule is running a layer itself
@@ -161,9 +163,9 @@ class PioState:
     def current_cut(self, layer_idx: int) -> Cut | None:
         """The rows decoder layer ``layer_idx`` sees in the language-model call in progress.
 
-        ``None`` outside a call that pio changes (the model's own rows). In a prefill, the prompt
-        rows of that layer; in a decoding step, the prompt rows its cache holds (the new rows
-        follow them); in a replay, the prompt rows it keeps (the new rows follow them too)."""
+        ``None`` outside a call that pio changes (the model's own rows). In a prefill (a replay
+        included), the rows of that layer; in a decoding step, the prompt rows its cache holds
+        (the new rows follow them)."""
         if self.pending is not None:
             return self.pending.cut_for_layer(layer_idx)
         if self.step is not None:
