@@ -12,7 +12,8 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["pio_kernels", "pio_kernels.triton", "pio_kernels.integrations"]
+PACKAGES = ["pio_kernels", "pio_kernels.triton", "pio_kernels.integrations", "pio_kernels.eval",
+            "pio_kernels.eval.tasks"]
 PACKAGE_DIR = {"pio_kernels": "pio_kernels", "pio_kernels.integrations": "integrations"}
 
 
