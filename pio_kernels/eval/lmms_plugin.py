@@ -1,6 +1,6 @@
 """The lmms-eval model plugin: ``lmms-eval --model pio --model_args pretrained=PATH,...``.
 
-Registered through the ``lmms_eval.models`` entry point (``pio_kernels.eval.lmms_plugin:MANIFEST``,
+Registered through the ``lmms_eval.models`` entry point (``pio_kernels.eval.lmms_plugin:manifest``,
 model name ``pio``, alias ``pio_vlm``), so an installed package is all lmms-eval needs.
 
 ``--model_args`` (comma separated; a list in brackets keeps its commas, see
@@ -51,14 +51,17 @@ import torch
 
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
-
 from .schedules import make_config
 from .vlm import LocalVLM
 
-__all__ = ["MANIFEST", "PioLMM", "PioTokenCounts", "summarize"]
+__all__ = ["PioLMM", "PioTokenCounts", "manifest", "summarize"]
 
-MANIFEST = ModelManifest(model_id="pio", simple_class_path="pio_kernels.eval.lmms_plugin.PioLMM",
+
+def manifest():
+    """The entry point's payload. A function, so that importing this module never imports
+    ``lmms_eval.models`` (whose import loads the entry points, this one included)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+    return ModelManifest(model_id="pio", simple_class_path="pio_kernels.eval.lmms_plugin.PioLMM",
                          aliases=("pio_vlm",))
 
 
@@ -227,8 +230,13 @@ class PioLMM(lmms):
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        # lmms-eval 0.7.3 turns a bare (loglikelihood, greedy) tuple into a string; wrapped in a
-        # GenerationResult it reaches the metric as the tuple.
+        """Per request ``(loss, greedy)`` in lmms-eval's convention: ``loss`` is the mean negative
+        log-likelihood of the continuation's tokens (what its LLaVA models return, and what its
+        ``multiple_choice`` scoring takes the argmin of), ``greedy`` whether greedy decoding
+        produces the continuation.
+
+        lmms-eval 0.7.3 turns a bare tuple into a string; wrapped in a GenerationResult it reaches
+        the metric as the tuple."""
         results: list[GenerationResult | None] = [None] * len(requests)
         bar = self._progress(len(requests), "pio loglikelihood")
         for idx in self._batches(requests, key=lambda r: r.task_name):
@@ -245,8 +253,9 @@ class PioLMM(lmms):
             self._elapsed += time.perf_counter() - start
             for i, score, st in zip(idx, scores, stats):
                 info = self._record(requests[i], st)
-                results[i] = GenerationResult(text=score, token_counts=PioTokenCounts(input_tokens=st.input_tokens,
-                                                                                      pio=info))
+                loss = -score.logprob / score.tokens
+                counts = PioTokenCounts(input_tokens=st.input_tokens, pio=info)
+                results[i] = GenerationResult(text=(loss, score.greedy), token_counts=counts)
             bar.update(len(idx))
         bar.close()
         return results

@@ -119,11 +119,10 @@ def make_config(preset_name: str | None = None, **fields: Any):
     fields = {k: v for k, v in fields.items() if v is not None}
     base = preset(preset_name) if preset_name else None
     if preset_name == "stock" or (base is None and "layers" not in fields):
-        extra = set(fields) - set(_METHOD_FIELDS) - {"tau", "num_positions"}
-        if extra or preset_name == "stock" and fields:
+        if preset_name != "stock" and fields:
+            raise ValueError(f"{', '.join(sorted(fields))} need layers (or a preset)")
+        if preset_name == "stock" and fields:
             raise ValueError(f"the stock model takes no schedule fields, got {sorted(fields)}")
-        if "keep" in fields or "encoder_keep" in fields:
-            raise ValueError("keep / encoder_keep need layers (or a preset)")
         return None
     spec: dict[str, Any] = dict(base or {})
     for key, value in fields.items():

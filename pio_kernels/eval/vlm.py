@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .accounting import SampleStats, layer_flops, measured_tokens_per_layer, retention, text_dims
 
-__all__ = ["FAMILIES", "LocalVLM", "detect_family"]
+__all__ = ["FAMILIES", "Continuation", "FirstToken", "LocalVLM", "detect_family"]
 
 FAMILIES = {"llava": "llava-1.5", "llava_next": "llava-next", "qwen2_5_vl": "qwen2.5-vl"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -154,6 +154,16 @@ class _StageClock:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+@dataclass
+class Continuation:
+    """A continuation's score: the sum of its tokens' log-probabilities, whether greedy decoding
+    produces it, and its number of tokens."""
+
+    logprob: float
+    greedy: bool
+    tokens: int
 
 
 @dataclass
@@ -310,8 +320,9 @@ class LocalVLM:
 
     @torch.inference_mode()
     def loglikelihood(self, prompts: list[str], continuations: list[str], images: list[list[Any]]
-                      ) -> tuple[list[tuple[float, bool]], list[SampleStats]]:
-        """``(log P(continuation | prompt), whether greedy decoding gives it)`` per sample.
+                      ) -> tuple[list[Continuation], list[SampleStats]]:
+        """``log P(continuation | prompt)``, whether greedy decoding gives it, and its token count,
+        per sample.
 
         The continuation's tokens are those of ``prompt + continuation`` past the prompt's own
         (counted with the tokenizer, image placeholders unexpanded on both sides)."""
@@ -332,9 +343,7 @@ class LocalVLM:
         for b, n in enumerate(n_cont):
             lp = logprobs[b, -n:]
             tok = targets[b, -n:]
-            ll = float(lp.gather(1, tok[:, None]).sum())
-            greedy = bool((lp.argmax(-1) == tok).all())
-            results.append((ll, greedy))
+            results.append(Continuation(float(lp.gather(1, tok[:, None]).sum()), bool((lp.argmax(-1) == tok).all()), n))
         return results, stats
 
     @torch.inference_mode()
