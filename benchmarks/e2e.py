@@ -52,6 +52,8 @@ import harness  # noqa: E402
 import selection  # noqa: E402
 import vlm_shapes  # noqa: E402
 
+from pio_kernels.integrations import hf  # noqa: E402
+
 COLUMNS = ["model", "batch", "schedule", "path", "retention", "prefill_ms", "total_ms", "prefill_speedup",
            "total_speedup", "tflops", "kv_cache_mb", "selection_ms", "selection_share"]
 
@@ -214,12 +216,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int, warmup: int, repeat: int,
-            device: torch.device, stock_tower_ms: float | None = None) -> dict[str, Any]:
+            device: torch.device) -> dict[str, Any]:
     """Prefill ms, total ms, KV MiB per sample, vision-tower ms and selection ms per stage.
 
-    An encoder stage runs the vision tower itself, so its own cost is its time minus
-    ``stock_tower_ms`` (the stock model's tower, same run and batch); the raw stage time and
-    the tower time are kept in the row too.
+    Selection ms per stage are the engine's own (the encoder stage: its probes inside the
+    vision tower plus selection and merging, net of the stock tower); the tower time is kept in
+    the row too.
     """
     model = built.model
     batch = inputs["input_ids"].shape[0]
@@ -232,7 +234,7 @@ def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int,
 
     with torch.no_grad(), attention_backends(device):
         out = prefill()
-        kv = kv_cache_bytes(out.past_key_values) / batch / 2**20
+        kv = kv_cache_bytes(hf.output_cache(out)) / batch / 2**20
         del out
         kept = kept_counts(model)
         prefill_ms = harness.time_ms(prefill, warmup=warmup, repeat=repeat, device=device)
@@ -251,9 +253,6 @@ def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int,
     if per_forward and len({len(f) for f in per_forward}) == 1:
         stages = [statistics.median(col) for col in zip(*per_forward)]
         kinds = timer.stage_kinds()
-        if kinds[0] == "encoder" and stock_tower_ms is not None:
-            row["encoder_stage_raw_ms"] = stages[0]
-            stages[0] -= stock_tower_ms
         row["selection_ms"] = stages
         row["selection_stages"] = kinds
         row["selection_ms_total"] = sum(stages)
@@ -298,8 +297,7 @@ def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, ar
                         try:
                             with selection.reference_path() if path == "reference" else contextlib.nullcontext():
                                 row.update(measure(built, inputs, new_tokens=args.new_tokens, warmup=warmup,
-                                                   repeat=repeat, device=device,
-                                                   stock_tower_ms=stock.get("tower_ms")))
+                                                   repeat=repeat, device=device))
                         finally:
                             remove_pio(built.model)
                     except (ValueError, NotImplementedError, TypeError, RuntimeError) as exc:

@@ -139,7 +139,7 @@ def test_e2e_quick_writes_json(e2e_run):
             continue
         assert row["retention"] == pytest.approx(1 / 9, abs=1e-3)
         assert row["selection_stages"] == stages[schedule] and len(row["selection_ms"]) == len(stages[schedule])
-        assert row["tower_ms"] > 0 and ("encoder_stage_raw_ms" in row) == (schedule == "w/ VE")
+        assert row["tower_ms"] > 0 and all(ms > 0 for ms in row["selection_ms"])
         assert row["counts_from"] == "measured"
         assert row["kv_cache_mb"] < stock["kv_cache_mb"] and row["tflops"] < stock["tflops"]
         assert row["prefill_speedup"] == pytest.approx(stock["prefill_ms"] / row["prefill_ms"])

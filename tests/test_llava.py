@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio
+from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, remove_pio
 
 IMAGE = 99
 VOCAB = 100
@@ -147,14 +147,14 @@ def test_cached_decoding_equals_reduced_model_from_scratch(attn, stages):
         assert set(b.tolist()[0]) <= set(a.tolist()[0])
     # the KV cache of every layer holds the rows that layer saw: S before layers[0], fewer after
     with torch.no_grad():
-        cache = model(input_ids=ids, pixel_values=px, use_cache=True).past_key_values
+        cache = hf.output_cache(model(input_ids=ids, pixel_values=px, use_cache=True))
     seen = [ids.shape[1]] * layers[0] + sum(([ids.shape[1] - 32 + c] * (b - a) for a, b, c in
                                              zip(layers, layers[1:] + [6], counts)), [])
-    assert [cache.get_seq_length(i) for i in range(6)] == seen
+    assert [hf.stored_length(cache, i) for i in range(6)] == seen
     ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, layers, [k[0] for k in kept])
     prompt_rows = (rows < ids.shape[1]).sum()
     # logits of the last prompt row and of every decoded token, against the same rows from scratch
-    torch.testing.assert_close(logits[0], ref[prompt_rows - 1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0], ref[prompt_rows - 1:], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +187,7 @@ def test_padded_batch_equals_each_sample_alone(side):
             alone = model(input_ids=torch.tensor([r]), pixel_values=pixels[b]).logits[0]
             sel_alone = last_selection(model)
             offset = ids.shape[1] - len(r) if side == "left" else 0
-            torch.testing.assert_close(batch[b, offset:offset + len(r)], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batch[b, offset:offset + len(r)], alone, rtol=1e-5, atol=1e-5, equal_nan=True)
             for s_b, s_a in zip(sel_batch, sel_alone):
                 got = s_b[b][s_b[b] >= 0] - offset
                 assert got.tolist() == s_a[0].tolist()
@@ -213,7 +213,7 @@ def test_inference_mode_equals_no_grad(probe):
         want = model(input_ids=ids, pixel_values=_pixels(1)).logits
     with torch.inference_mode():
         got = model(input_ids=ids, pixel_values=_pixels(1)).logits
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_output_hidden_states_has_one_entry_per_layer(probe):
@@ -236,7 +236,7 @@ def test_batch_mixing_a_text_only_sample_equals_each_sample_alone():
     for b, (r, px) in enumerate(zip(rows, (None, _pixels(1)))):
         seq_a, logits_a = _generate(model, torch.tensor([r]), px, steps=3)
         assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
-        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_left_padded_generate_equals_each_sample_alone():
@@ -249,7 +249,7 @@ def test_left_padded_generate_equals_each_sample_alone():
     for b, r in enumerate(rows):
         seq_a, logits_a = _generate(model, torch.tensor([r]), pixels[b], steps=3)
         assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
-        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_bf16_error_within_twice_pytorch_bf16_error():
@@ -364,7 +364,7 @@ def test_llava_next_varying_counts_fraction_budgets_and_padded_batch():
         for b, (r, px, sz) in enumerate(zip(rows, (px0, px1), (sz0, sz1))):
             alone = model(input_ids=torch.tensor([r]), pixel_values=px, image_sizes=sz).logits[0]
             offset = ids.shape[1] - len(r)
-            torch.testing.assert_close(batch[b, offset:], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batch[b, offset:], alone, rtol=1e-5, atol=1e-5, equal_nan=True)
             assert (sel[b][sel[b] >= 0] - offset).tolist() == last_selection(model)[0][0].tolist()
 
 
@@ -378,7 +378,7 @@ def test_llava_next_cached_decoding_equals_reduced_model_from_scratch():
     assert [k.shape[1] for k in kept] == [60, 30]
     ref, rows = reduced_reference(model, seq[0, :-1], ids.shape[1], px, [1, 3], [k[0] for k in kept],
                                   image_sizes=sz)
-    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,24 +387,34 @@ def test_split_local_global_and_merge_dropped_rules():
     from pio_kernels.integrations.engine import merge_dropped, split_local_global
     # 5 x 5 grid, windows 2 x 2: 9 windows (edge windows smaller); budget 20 -> 1 local per window
     g = torch.Generator().manual_seed(0)
-    shallow, deep = torch.rand(25, generator=g), torch.rand(25, generator=g)
-    kept = split_local_global(shallow, deep, (5, 5), 20, (2, 2))
+    shallow, deep = torch.rand(2, 25, generator=g), torch.rand(2, 25, generator=g)
+    kept = split_local_global(shallow, deep, (5, 5), torch.tensor([20, 7]), (2, 2))
     window = [(r // 2) * 3 + c // 2 for r in range(5) for c in range(5)]
-    local = [max((i for i in range(25) if window[i] == w), key=lambda i: (float(shallow[i]), -i)) for w in range(9)]
-    rest = sorted((i for i in range(25) if i not in local), key=lambda i: (-float(deep[i]), i))[:11]
-    assert kept.tolist() == sorted(local + rest)
+    for i, budget in enumerate((20, 7)):
+        per = (budget // 2) // 9  # 1 for 20, 0 for 7: all global
+        local = [max((c for c in range(25) if window[c] == w), key=lambda c: (float(shallow[i, c]), -c))
+                 for w in range(9)][:9 * per]
+        rest = sorted((c for c in range(25) if c not in local), key=lambda c: (-float(deep[i, c]), c))
+        assert kept[i].nonzero().flatten().tolist() == sorted(local + rest[:budget - len(local)])
     # ties go to the lower index; unavailable tokens are never kept and their windows do not count
-    flat = torch.zeros(25)
-    available = torch.ones(25, dtype=torch.bool)
-    available[:10] = False
-    assert split_local_global(flat, flat, (5, 5), 3, (5, 5), available).tolist() == [10, 11, 12]
+    flat = torch.zeros(1, 25)
+    available = torch.ones(1, 25, dtype=torch.bool)
+    available[0, :10] = False
+    assert split_local_global(flat, flat, (5, 5), 3, (5, 5), available)[0].nonzero().flatten().tolist() == [10, 11, 12]
     with pytest.raises(ValueError, match="budget"):
         split_local_global(flat, flat, (5, 5), 16, (5, 5), available)
-    # merging: each dropped row joins its most similar kept row; kept rows become means
-    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
-    merged = merge_dropped(feats, torch.tensor([0, 1]))
-    torch.testing.assert_close(merged, torch.stack([feats[[0, 2]].mean(0), feats[[1, 3, 4]].mean(0)]))
-    assert torch.equal(merge_dropped(feats, torch.arange(5)), feats)
+    # merging: each dropped row joins its most similar kept row of its span; kept rows become means
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [5.0, 5.0]])[None]
+    keep = torch.tensor([[True, True, False, False, False, True]])
+    group = torch.tensor([[0, 0, 0, 0, 0, -1]])
+    merged = merge_dropped(feats, keep, group)
+    torch.testing.assert_close(merged[0, [0, 1]], torch.stack([feats[0, [0, 2]].mean(0), feats[0, [1, 3, 4]].mean(0)]))
+    assert torch.equal(merged[0, 2:], feats[0, 2:])  # dropped rows and rows outside any span are left as they were
+    # spans do not mix: the same rows in two spans merge within each
+    two = merge_dropped(feats, keep, torch.tensor([[0, 1, 0, 1, 1, -1]]))
+    torch.testing.assert_close(two[0, 0], feats[0, [0, 2]].mean(0))
+    torch.testing.assert_close(two[0, 1], feats[0, [1, 3, 4]].mean(0))
+    assert torch.equal(merge_dropped(feats, torch.ones(1, 6, dtype=torch.bool), group), feats)
 
 
 def _llava_encoder(attn: str = "sdpa"):
@@ -506,7 +516,7 @@ def test_encoder_selection_counts_split_and_merging_means(attn):
         for j, kept_j in enumerate(kept):
             members = [feats[kept_j]] + [feats[d] for d, t in zip(dropped, target.tolist()) if t == j]
             want[j] = torch.stack(members).mean(0)
-        torch.testing.assert_close(lm_in[visual_rows[40 * i:40 * (i + 1)]], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm_in[visual_rows[40 * i:40 * (i + 1)]], want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def test_encoder_selection_cached_decoding_equals_reduced_model_from_scratch():
@@ -529,7 +539,7 @@ def test_encoder_selection_cached_decoding_equals_reduced_model_from_scratch():
     is_image[3:35] = True
     is_image[37:69] = True
     ref, _ = lm_reference(model, embeds, rows, is_image, [1, 3], kept)
-    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[0], ref[-logits.shape[1]:], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_encoder_selection_left_padded_batch_equals_each_sample_alone():
@@ -545,7 +555,7 @@ def test_encoder_selection_left_padded_batch_equals_each_sample_alone():
         offset = ids.shape[1] - len(r)
         assert (enc[b][enc[b] >= 0] - offset).tolist() == last_selection(model, encoder=True)[0].tolist()
         assert seq[b, ids.shape[1]:].tolist() == seq_a[0, len(r):].tolist()
-        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[b], logits_a[0], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_encoder_selection_is_refused_where_unsupported():
@@ -574,7 +584,7 @@ def test_llava_next_encoder_selection_per_crop():
         reduced = model(input_ids=ids, pixel_values=px, image_sizes=sz).logits
     # generate encodes the images before its prefill (mm_encoder_outputs): same result
     _, logits = _generate(model, ids, px, steps=2, image_sizes=sz)
-    torch.testing.assert_close(logits[0, 0], reduced[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0, 0], reduced[0, -1], rtol=1e-5, atol=1e-5, equal_nan=True)
     assert torch.equal(full, stock)
     enc = last_selection(model, encoder=True)[0]
     starts = [2, 2 + counts[0] + 2]

@@ -7,13 +7,18 @@ import math
 import pytest
 import torch
 
-from pio_kernels.integrations import PioConfig, apply_pio, last_selection, remove_pio
-from pio_kernels.integrations import qwen2_5_vl as qwen
-from pio_kernels.integrations.engine import merge_dropped, resolve_budget
+from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, remove_pio
+from pio_kernels.integrations.engine import merge_dropped, resolve_budget, window_global
+from pio_kernels.integrations.models import qwen2_5_vl as qwen
 from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
 
 
 # ---------------------------------------------------------------- encoder side, pieces
+
+def window_global_selection(local, global_, h, w, budget, window=4):
+    """Kept indices of one frame by the engine's batched rule."""
+    return window_global(local[None], global_[None], h, w, budget, window)[0].nonzero().squeeze(1)
+
 
 def _brute_window_global(local, global_, h, w, budget, window):
     """The greedy walk of SPEC section 4 written out literally."""
@@ -49,7 +54,7 @@ def test_window_global_selection_matches_greedy_walk(h, w, budget, window):
     local = torch.rand(h * w, generator=g)
     global_ = torch.rand(h * w, generator=g)
     local[3 % (h * w)] = local[0]  # a tie
-    kept = qwen.window_global_selection(local, global_, h, w, budget, window)
+    kept = window_global_selection(local, global_, h, w, budget, window)
     assert kept.tolist() == _brute_window_global(local, global_, h, w, min(budget, h * w), window)
 
 
@@ -59,7 +64,7 @@ def test_window_global_selection_spreads_local_half():
     h = w = 8
     local = torch.zeros(h, w)
     local[:4, :4] = 10 + torch.arange(16.0).view(4, 4)
-    kept = qwen.window_global_selection(local.flatten(), torch.arange(h * w, dtype=torch.float), h, w,
+    kept = window_global_selection(local.flatten(), torch.arange(h * w, dtype=torch.float), h, w,
                                         budget=8, window=4)
     assert kept.tolist() == [4, 27, 32, 36, 60, 61, 62, 63]
 
@@ -84,11 +89,11 @@ def test_vision_column_scores_match_full_attention_map():
     probs = logits.masked_fill(~same, float("-inf")).softmax(-1)  # (H, N, N)
     seg_len = same.sum(0).float()
     expected = probs.sum(dim=(0, 1)) / (2 * seg_len)
-    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(scores, expected, equal_nan=True)
     old = qwen._SCORE_CHUNK_ELEMENTS
     try:  # several query chunks per segment
         qwen._SCORE_CHUNK_ELEMENTS = 2 * 2 * 24
-        torch.testing.assert_close(qwen.vision_column_scores(block.attn, x, cu, (cos, sin)), expected)
+        torch.testing.assert_close(qwen.vision_column_scores(block.attn, x, cu, (cos, sin)), expected, equal_nan=True)
     finally:
         qwen._SCORE_CHUNK_ELEMENTS = old
 
@@ -160,8 +165,8 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     vis = _visual_ids(model, inputs).to(device)
     encoded = None
     if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
-        encoded = qwen.encoder_selection(model.model.visual, inputs["pixel_values"], inputs["image_grid_thw"],
-                                         lambda n: resolve_budget(encoder_keep, n))
+        encoded = reference_encoder(model, inputs["pixel_values"], inputs["image_grid_thw"],
+                                    lambda n: resolve_budget(encoder_keep, n))
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
     batch, seq_len = mask.shape
@@ -241,7 +246,8 @@ def _model(attn="sdpa", dtype=torch.float32, layers=4):
     if key not in _MODELS:
         _MODELS[key] = make_model(attn=attn, layers=layers, dtype=dtype)
     model = _MODELS[key]
-    remove_pio(model)
+    if getattr(model, "_pio", None) is not None:
+        remove_pio(model)
     return model
 
 
@@ -253,7 +259,7 @@ def _logits(model, inputs):
 def _assert_rows_close(out, ref, **tol):
     for b, rows in enumerate(ref):
         for r, expected in rows.items():
-            torch.testing.assert_close(out[b, r].float(), expected.float(), **tol)
+            torch.testing.assert_close(out[b, r].float(), expected.float(), **tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -265,11 +271,11 @@ def test_full_budget_reproduces_stock_logits(attn, padding_side, keep):
     stock = _logits(model, inputs)
     apply_pio(model, PioConfig(layers=[2], keep=keep))
     try:
-        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0, equal_nan=True)
         assert [s.shape[1] for s in last_selection(model)] == [7]  # 6 + 1 image tokens
     finally:
         remove_pio(model)
-    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0, equal_nan=True)
 
 
 def _logits_and_selection(model, inputs, config):
@@ -336,7 +342,7 @@ def test_padded_batch_equals_single_samples(padding_side):
             alone = _logits(model, single)
             assert _selection_lists(model) == [[[r - offset for r in stage[b]]] for stage in sel]
             kept_rows = [r for r in range(rows.numel()) if bool(alone[0, r].abs().sum() > 0)]
-            torch.testing.assert_close(out[b, rows[kept_rows]], alone[0, kept_rows], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out[b, rows[kept_rows]], alone[0, kept_rows], rtol=1e-4, atol=1e-4, equal_nan=True)
     finally:
         remove_pio(model)
 
@@ -357,7 +363,7 @@ def _generate_matches_reduced_model(model, inputs, layers, keep, encoder_keep=No
                                encoder_keep=encoder_keep)
     for step, logits in enumerate(gen.logits):
         for b in range(logits.shape[0]):
-            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[b], ref[b][seq_len - 1 + step], rtol=1e-4, atol=1e-4, equal_nan=True)
     return new, ref
 
 
@@ -380,7 +386,7 @@ def test_text_only_prompt_is_untouched():
     stock_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     apply_pio(model, PioConfig(layers=[1], keep=[0.3]))
     try:
-        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0, equal_nan=True)
         assert last_selection(model) == []
         assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), stock_gen)
     finally:
@@ -515,28 +521,53 @@ def _reference_tower_scores(model, pixel_values, grid_thw, blocks):
     return result, pooled
 
 
+def _merge_one(features, kept):
+    """SPEC 4 merging of one frame by the engine's batched rule: (k, D) merged kept features."""
+    keep = torch.zeros(1, features.shape[0], dtype=torch.bool)
+    keep[0, kept] = True
+    merged = merge_dropped(features[None], keep, torch.zeros(1, features.shape[0], dtype=torch.long))
+    return merged[0, kept]
+
+
+def reference_encoder(model, pixel_values, grid_thw, budget):
+    """Encoder-side selection from materialised attention maps: per frame, the merged features of
+    the kept tokens and their indices (window + global rule of SPEC 4 on the merged grid)."""
+    visual = model.model.visual
+    (local, global_), pooled = _reference_tower_scores(model, pixel_values, grid_thw,
+                                                       qwen.default_score_blocks(visual))
+    frames, kept, start = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        h, w = h // 2, w // 2
+        for _ in range(t):
+            rows = slice(start, start + h * w)
+            k = window_global_selection(local[rows], global_[rows], h, w, budget(h * w))
+            frames.append(_merge_one(pooled[rows], k))
+            kept.append(k)
+            start += h * w
+    return frames, kept
+
+
 @pytest.mark.parametrize("keep", [0.34, 3])
 def test_encoder_selection_matches_materialised_attention(keep):
     model = _model()
     inputs = make_inputs([[2, (8, 8), 1, (4, 6), 1, (2, 2), 3, (2, 4, 4)]], seed=6)
-    pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
-    grid = torch.cat([inputs["image_grid_thw"], inputs["video_grid_thw"]])
     visual = model.model.visual
-    blocks = qwen.default_score_blocks(visual)
-    assert blocks == (1, 3)
+    assert qwen.default_score_blocks(visual) == (1, 3)
     budget = lambda n: resolve_budget(keep, n)  # noqa: E731
-    frames, kept = qwen.encoder_selection(visual, pixels, grid, budget)
-    (local, global_), pooled = _reference_tower_scores(model, pixels, grid, blocks)
-    sizes = [(4, 4), (2, 3), (1, 1), (2, 2), (2, 2)]  # merged grids; the video has two frames
-    assert len(frames) == len(kept) == len(sizes)
-    start = 0
-    for (h, w), feats, k in zip(sizes, frames, kept):
-        rows = slice(start, start + h * w)
-        expected = qwen.window_global_selection(local[rows], global_[rows], h, w, budget(h * w))
-        assert k.tolist() == expected.tolist() and k.numel() == min(h * w, budget(h * w))
-        torch.testing.assert_close(feats, merge_dropped(pooled[rows], k))
+    frames, kept = reference_encoder(model, inputs["pixel_values"], inputs["image_grid_thw"], budget)
+    sizes = [(4, 4), (2, 3), (1, 1)]  # merged grids of the three images (the video passes whole)
+    assert [k.numel() for k in kept] == [min(h * w, budget(h * w)) for h, w in sizes]
+    apply_pio(model, PioConfig(layers=[3], keep=[1.0], encoder_keep=keep))
+    _logits(model, inputs)
+    got = last_selection(model, encoder=True)[0].tolist()
+    ids = inputs["input_ids"][0]
+    image_rows = (ids == IMAGE).nonzero().flatten()
+    expected, start = [], 0
+    for (h, w), k in zip(sizes, kept):
+        expected += image_rows[start + k].tolist()
         start += h * w
-    assert start == pooled.shape[0]
+    video_rows = (ids == 91).nonzero().flatten().tolist()
+    assert got == sorted(expected + video_rows)
 
 
 # ---------------------------------------------------------------- the integration with encoder-side selection
@@ -548,7 +579,7 @@ def test_full_encoder_budget_reproduces_stock_logits(encoder_keep):
     stock = _logits(model, inputs)
     apply_pio(model, PioConfig(layers=[2], keep=[1.0], encoder_keep=encoder_keep))
     try:
-        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+        torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0, equal_nan=True)
         assert last_selection(model, encoder=True).shape == (2, 7)
     finally:
         remove_pio(model)
@@ -604,7 +635,7 @@ def test_manual_decode_loop_without_positions(encoder_keep):
             logits, tokens = [out.logits[:, -1]], []
             for _ in range(3):
                 tokens.append(logits[-1].argmax(-1, keepdim=True))
-                out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=tokens[-1], **hf.cache_kwargs(hf.output_cache(out)), use_cache=True)
                 logits.append(out.logits[:, -1])
         sel = _selection_lists(model)
     finally:
@@ -612,7 +643,7 @@ def test_manual_decode_loop_without_positions(encoder_keep):
     ref, _ = reference_reduced(model, {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}, layers,
                                keep, new_tokens=torch.cat(tokens, 1), selection=sel, encoder_keep=encoder_keep)
     for step, lg in enumerate(logits):
-        torch.testing.assert_close(lg[0], ref[0][seq_len - 1 + step], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lg[0], ref[0][seq_len - 1 + step], rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_without_mm_token_type_ids_positions_fall_back_like_stock():
@@ -637,7 +668,7 @@ def test_remove_pio_restores_stock_model_and_bad_schedules_raise():
     reduced = _logits(model, inputs)
     remove_pio(model)
     assert not torch.equal(reduced, stock)
-    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, inputs), stock, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="layers"):
         apply_pio(model, PioConfig(layers=[4], keep=[0.5]))  # the tiny model has 4 layers
     with pytest.raises(ValueError, match="encoder_keep"):

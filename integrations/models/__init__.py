@@ -1,0 +1,5 @@
+"""One adapter per model family (see :mod:`..engine.adapter` for the interface).
+
+    llava.py        LLaVA-1.5 and LLaVA-NeXT
+    qwen2_5_vl.py   Qwen2.5-VL
+"""
