@@ -13,8 +13,8 @@ whose ``image_ids`` are negative are ignored by the caller, padding rows score 0
 
 ``saliency``   the proxy-loss gradient saliency of SPEC section 2
                (:func:`pio_kernels.proxy_saliency`). The default.
-``random``     uniform in [0, 1) from ``generator``: the same scores for the same seed, on
-               any device (drawn on the CPU, then moved).
+``random``     uniform in [0, 1) from ``generator``: the same scores for the same seed (on
+               the generator's device).
 ``attention``  FastV-style: the attention that the last valid query of each sample pays to
                every key at the stage layer, averaged over heads. Computed from that layer's
                own ``input_layernorm``, ``q_proj`` / ``k_proj`` (and ``q_norm`` / ``k_norm``
@@ -54,8 +54,8 @@ class StageInputs:
             every row is real.
         image_ids: (B, S) int64, the image id of every row, -1 for text and padding.
         num_positions: K, loss rows of the proxy loss (SPEC 2.3).
-        generator: a CPU ``torch.Generator`` seeded by the engine for this forward (read by
-            ``random``); ``None`` means a generator seeded with 0.
+        generator: a ``torch.Generator`` seeded by the engine for this forward (``PioConfig.seed``,
+            on the model's device; read by ``random``); ``None`` means a CPU generator seeded with 0.
     """
 
     layer: nn.Module
@@ -127,14 +127,15 @@ def saliency_scores(inputs: StageInputs) -> torch.Tensor:
 
 
 def random_scores(inputs: StageInputs) -> torch.Tensor:
-    """``random``: uniform [0, 1) scores drawn on the CPU from ``inputs.generator`` (seed 0 when
-    ``None``), so a seed gives the same scores on every device. Padding rows score 0."""
+    """``random``: uniform [0, 1) scores drawn from ``inputs.generator`` on its device (a CPU
+    generator seeded with 0 when ``None``): the same seed and device give the same scores.
+    Padding rows score 0."""
     hidden = inputs.hidden_states
     generator = inputs.generator
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    scores = torch.rand(hidden.shape[:2], generator=generator, dtype=torch.float32).to(hidden.device)
-    return scores.masked_fill(~_valid(inputs), 0.0)
+    scores = torch.rand(hidden.shape[:2], generator=generator, dtype=torch.float32, device=generator.device)
+    return scores.to(hidden.device).masked_fill(~_valid(inputs), 0.0)
 
 
 def norm_scores(inputs: StageInputs) -> torch.Tensor:

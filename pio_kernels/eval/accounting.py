@@ -12,7 +12,8 @@ One definition, used by the evaluation plugin, the fidelity runs and ``pio-tune`
   size and ``m`` the MLP width of the language model.
 
 :func:`schedule_tokens_per_layer` predicts ``n_l`` for one image from a schedule (what the
-search optimises); :func:`measured_tokens_per_layer` reads what a prefill really kept.
+search optimises); :func:`prefill_stats` reads what a prefill really kept, from the engine's
+``last_stats``.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["SampleStats", "layer_flops", "measured_tokens_per_layer", "retention", "resolve_budget",
-           "schedule_retention", "schedule_tokens_per_layer", "text_dims"]
+__all__ = ["SampleStats", "layer_flops", "prefill_stats", "retention", "resolve_budget", "schedule_retention",
+           "schedule_tokens_per_layer", "text_dims"]
 
 
 def resolve_budget(keep: int | float, n: int) -> int:
     """Tokens a budget keeps of ``n``: the engine's own rule (an int is a count capped at ``n``,
-    a float a fraction rounded half up, at least 1)."""
+    a float a fraction ``floor(keep * n)``, at least 1; SPEC 1)."""
     from pio_kernels.integrations.engine import resolve_budget as engine_rule
     return engine_rule(keep, n) if n > 0 else 0
 
@@ -89,52 +90,47 @@ class SampleStats:
     retained_fraction: float | None     # average over decoder layers of n_l / N
     tflops: float                       # SPEC 6 formula at the measured n_l
     tflops_stock: float                 # the same formula with n_l = N everywhere
-    selection_ms: list[float] | None    # per decoder stage, the batch's time over its samples
+    selection_ms: list[float] | None    # per stage (encoder first when on), the batch's time over its samples
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------------
-# Measured: what the last prefill kept.
-# WIRING POINT (last_stats): when ``pio_kernels.integrations.last_stats`` lands, read
-# ``visual_tokens`` / ``tokens_per_layer`` from it here and drop the counting below.
+# Measured: what the last prefill kept (the engine's own record, ``last_stats``).
 # ------------------------------------------------------------------------------------------------
-def measured_tokens_per_layer(model, config, input_ids: torch.Tensor, image_token_ids: tuple[int, ...],
-                              attention_mask: torch.Tensor | None = None) -> list[tuple[int, list[int], list[int]]]:
-    """Per sample of the last prefill: ``(N, kept, n_l for every decoder layer)``.
+def prefill_stats(model, config, input_ids: torch.Tensor, image_token_ids: tuple[int, ...],
+                  attention_mask: torch.Tensor | None = None) -> list[SampleStats]:
+    """Per sample of the last prefill of ``model``: the SPEC accounting of what it kept.
 
-    ``N`` counts the image placeholders of ``image_token_ids`` in the caller's ``input_ids``
-    (real rows only); ``kept`` lists the visual tokens left after the encoder stage (when the
-    schedule has one) and after each decoder stage, from ``last_selection`` (-1 padding not
-    counted). ``config``: the PioConfig applied to ``model``, or ``None`` for the stock model
-    (which keeps everything).
+    With a schedule (``config`` the PioConfig applied to ``model``) the counts, retention, FLOPs
+    and selection times are :func:`pio_kernels.integrations.last_stats`; the batch's selection
+    time per stage is shared evenly by its samples. For the stock model (``config`` None) every
+    layer sees the ``N`` image placeholders of ``image_token_ids`` in ``input_ids`` (real rows).
+    ``kept`` lists the visual tokens after the encoder stage (when on), then after each stage.
     """
-    from pio_kernels.integrations import last_selection
-
-    num_layers = text_dims(model)[0]
-    is_image = torch.zeros_like(input_ids, dtype=torch.bool)
-    for token in image_token_ids:
-        is_image |= input_ids == token
-    if attention_mask is not None:
-        is_image &= attention_mask.bool()
-    visual = is_image.sum(1).tolist()
-    stages = last_selection(model) if config is not None else []
-    encoder = last_selection(model, encoder=True) if config is not None else None
+    num_layers, hidden, mlp = text_dims(model)
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    lengths = real.sum(1).tolist()
+    stats = None
+    if config is not None:
+        from pio_kernels.integrations import last_stats
+        stats = last_stats(model)
     out = []
-    for b, n_in in enumerate(visual):
-        n = n_in
-        kept = []
-        if encoder is not None:
-            n = int((encoder[b] >= 0).sum())
-            kept.append(n)
-        counts, stage = [], 0
-        per_stage = [int((s[b] >= 0).sum()) for s in stages] if stages else []
-        for layer in range(num_layers):
-            while per_stage and stage < len(config.layers) and config.layers[stage] == layer:
-                n = per_stage[stage]
-                kept.append(n)
-                stage += 1
-            counts.append(n)
-        out.append((int(n_in), kept, counts))
+    if stats is None:
+        is_image = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in image_token_ids:
+            is_image |= input_ids == token
+        for n, length in zip((is_image & real).sum(1).tolist(), lengths):
+            stock = layer_flops([n] * num_layers, hidden, mlp) / 1e12
+            out.append(SampleStats(int(length), int(n), [], 1.0 if n else None, stock, stock, None))
+        return out
+    per_sample_ms = [ms / len(lengths) for ms in stats.selection_ms]
+    for b, length in enumerate(lengths):
+        n, counts = int(stats.visual_tokens[b]), [int(c) for c in stats.tokens_per_layer[b]]
+        kept = ([counts[0]] if config.encoder_keep is not None else []) + [counts[layer] for layer in config.layers]
+        out.append(SampleStats(input_tokens=int(length), visual_tokens=n, kept=kept,
+                               retained_fraction=retention(counts, n), tflops=stats.visual_flops[b] / 1e12,
+                               tflops_stock=layer_flops([n] * num_layers, hidden, mlp) / 1e12,
+                               selection_ms=per_sample_ms))
     return out

@@ -128,16 +128,16 @@ def _make_task(args) -> int:
 
 def _presets(args) -> int:
     from .accounting import schedule_retention
-    from .schedules import PRESETS, make_config
+    from .schedules import make_config, presets
     shapes = {"llava-1.5": (576, 32), "llava-next": (2880, 32), "qwen2.5-vl": (1296, 28)}
-    for name, spec in PRESETS.items():
+    for name, spec in presets().items():
         family = next((f for f in shapes if name.startswith(f)), None)
         if spec is None or family is None:
             print(f"{name:<15} the unpruned model")
             continue
         n, layers = shapes[family]
         r = schedule_retention(make_config(name), n, layers)
-        fields = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in spec.items())
+        fields = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in spec.items() if v is not None)
         print(f"{name:<15} {fields:<60} {100 * r:6.2f}% of {n} tokens over {layers} layers")
     return 0
 

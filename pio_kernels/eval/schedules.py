@@ -1,30 +1,32 @@
-"""Published schedules by name, the text syntax of schedule fields, and PioConfig construction.
+"""Schedules by name, the text syntax of schedule fields, and PioConfig construction.
 
-Presets (SPEC section 1; retention by :mod:`.accounting`, average over decoder layers):
+Presets: the published schedules of :data:`pio_kernels.integrations.PRESETS` (SPEC section 1),
+plus the ones this package adds for the evaluation (``EVAL_PRESETS``). Retention by
+:mod:`.accounting` (average over decoder layers; fractions keep ``floor(keep * n)``):
 
 =====================  ======================================================  ==========================
 name                   schedule                                                retention
 =====================  ======================================================  ==========================
-``llava-1.5-ve``       ``layers=[16], keep=[32], encoder_keep=96``              11.1% (64 of 576, 32 layers)
-``llava-1.5``          ``layers=[1,10,15], keep=[92,54,22]``                    11.1% (published, w/o VE)
-``llava-1.5-128``      ``layers=[1,10,15], keep=[218,128,54]``                  22.2% (published, w/o VE)
-``qwen2.5-vl-ve``      ``layers=[14], keep=[0.333], encoder_keep=0.167``        11.1% (published, 28 layers)
-``qwen2.5-vl``         ``layers=[1,8,12], keep=[0.16,0.587,0.407]``             11.1% (ours, w/o VE)
-``llava-next-ve``      ``layers=[16], keep=[0.333], encoder_keep=0.167``        ~11.1% of the crops' tokens
-``llava-next``         ``layers=[1,10,15], keep=[0.16,0.587,0.407]``            11.1% (w/o VE)
+``llava-1.5-ve``       ``layers=[16], keep=[32], encoder_keep=96``              11.11% (64 of 576, 32 layers)
+``llava-1.5``          ``layers=[1,10,15], keep=[92,54,22]``                    11.11% (published, w/o VE)
+``llava-1.5-128``      ``layers=[1,10,15], keep=[218,128,54]``                  22.22% (published, w/o VE)
+``qwen2.5-vl-ve``      ``layers=[14], keep=[0.333], encoder_keep=0.167``        11.07% of 1296 (published)
+``qwen2.5-vl``         ``layers=[1,8,12], keep=[0.16,0.59,0.41]``               11.11% of 1296 (ours, w/o VE)
+``llava-next-ve``      ``layers=[16], keep=[0.34], encoder_keep=0.167``         11.11% per 576-token crop
+``llava-next``         ``layers=[1,10,15], keep=[0.16,0.59,0.41]``              11.14% of 2880 (w/o VE)
 ``stock``              no selection (the unpruned model)                        100%
 =====================  ======================================================  ==========================
 
-``qwen2.5-vl`` has no published w/o-VE schedule; ours mirrors LLaVA-1.5's (the same three
-relative budgets, 92/576, 54/92 and 22/54, at layers 1, 8 and 12 of 28) and averages 11.11% of an
-image of 1296 tokens (144.0 tokens), 11.07-11.15% from 256 to 4096 tokens (fractions round per
-image). The LLaVA-NeXT presets apply LLaVA-1.5's fractions per crop (encoder side) or per image;
-LLaVA-NeXT's newline tokens are never dropped by the encoder stage, so ``llava-next-ve`` keeps
-slightly more than 11.1% of the image tokens.
+``qwen2.5-vl`` has no published w/o-VE schedule; ours mirrors LLaVA-1.5's (about the same relative
+budgets, 92/576, 54/92 and 22/54, at layers 1, 8 and 12 of 28): 144.0 tokens on average of an
+image of 1296 (11.11%), 10.8-11.1% from 256 to 4096 tokens, since budgets round per image. The
+LLaVA-NeXT presets apply LLaVA-1.5's fractions per crop (the encoder side: 96 of 576, then 32
+of those at layer 16) or per image; LLaVA-NeXT's newline tokens are never dropped by the encoder
+stage, so ``llava-next-ve`` keeps slightly more than 11.1% of an image's tokens.
 
 Field syntax (``parse_list``): a list is ``[1,10,15]`` (brackets keep lmms-eval's comma split
 off it), or ``1;10;15``, or ``1 10 15``; a single value is a one-stage list. Entries are ints
-(token counts) or floats (fractions): ``keep=[0.16,0.587,0.407]``.
+(token counts) or floats (fractions): ``keep=[0.16,0.59,0.41]``.
 """
 from __future__ import annotations
 
@@ -32,24 +34,30 @@ import dataclasses
 import re
 from typing import Any
 
-__all__ = ["PRESETS", "make_config", "parse_list", "parse_value", "preset", "schedule_fields"]
+__all__ = ["EVAL_PRESETS", "describe", "make_config", "parse_list", "parse_value", "preset", "presets",
+           "schedule_fields"]
 
-PRESETS: dict[str, dict[str, Any] | None] = {
-    "llava-1.5-ve": dict(layers=(16,), keep=(32,), encoder_keep=96),
-    "llava-1.5": dict(layers=(1, 10, 15), keep=(92, 54, 22)),
-    "llava-1.5-128": dict(layers=(1, 10, 15), keep=(218, 128, 54)),
-    "qwen2.5-vl-ve": dict(layers=(14,), keep=(0.333,), encoder_keep=0.167),
-    "qwen2.5-vl": dict(layers=(1, 8, 12), keep=(0.16, 0.587, 0.407)),
-    "llava-next-ve": dict(layers=(16,), keep=(0.333,), encoder_keep=0.167),
-    "llava-next": dict(layers=(1, 10, 15), keep=(0.16, 0.587, 0.407)),
-    "stock": None,
+# Schedules this package adds to pio_kernels.integrations.PRESETS (see the module docstring).
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl": dict(layers=(1, 8, 12), keep=(0.16, 0.59, 0.41)),
+    "llava-next-ve": dict(layers=(16,), keep=(0.34,), encoder_keep=0.167),
+    "llava-next": dict(layers=(1, 10, 15), keep=(0.16, 0.59, 0.41)),
 }
 
-# Fields of PioConfig a user may set besides the schedule; the last three need the engine's
-# scoring hook (see make_config).
+
+def _published() -> dict[str, dict[str, Any]]:
+    from pio_kernels.integrations import PRESETS as published
+    return {name: dict(layers=c.layers, keep=c.keep, encoder_keep=c.encoder_keep) for name, c in published.items()}
+
+
+def presets() -> dict[str, dict[str, Any] | None]:
+    """Every preset by name: its schedule fields (``None`` for ``stock``)."""
+    return {**_published(), **EVAL_PRESETS, "stock": None}
+
+
+# Fields of PioConfig a user may set: the schedule, then the method (scoring rule, selection, seed).
 _SCHEDULE_FIELDS = ("layers", "keep", "tau", "num_positions", "encoder_keep")
 _METHOD_FIELDS = ("scoring", "selection", "seed")
-_DEFAULTS = {"scoring": "saliency", "selection": "nms", "seed": 0}
 
 
 def schedule_fields() -> tuple[str, ...]:
@@ -91,15 +99,11 @@ def parse_list(value: Any, name: str = "value") -> tuple[int | float, ...]:
 
 def preset(name: str) -> dict[str, Any] | None:
     """The schedule fields of a preset (``None`` for ``stock``). ValueError names the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
-    fields = PRESETS[name]
-    return None if fields is None else dict(fields)
-
-
-def _supports_method_fields() -> set[str]:
-    from pio_kernels.integrations import PioConfig
-    return {f.name for f in dataclasses.fields(PioConfig)} & set(_METHOD_FIELDS)
+    known = presets()
+    if name not in known:
+        raise ValueError(f"preset must be one of {', '.join(known)}; got {name!r}")
+    fields = known[name]
+    return None if fields is None else {k: v for k, v in fields.items() if v is not None}
 
 
 def make_config(preset_name: str | None = None, **fields: Any):
@@ -144,16 +148,6 @@ def make_config(preset_name: str | None = None, **fields: Any):
         get_scoring(spec["scoring"])  # ValueError naming the rules
     if spec.get("selection") is not None and spec["selection"] not in ("nms", "topk", "uniform"):
         raise ValueError(f"selection must be one of nms, topk, uniform; got {spec['selection']!r}")
-    # WIRING POINT (engine scoring hook): PioConfig gains scoring / selection / seed with the
-    # lead's engine rework. Until then only their defaults can run; anything else is refused
-    # here rather than silently evaluated as the default method.
-    supported = _supports_method_fields()
-    for key in _METHOD_FIELDS:
-        if key in spec and key not in supported:
-            if spec[key] != _DEFAULTS[key]:
-                raise ValueError(f"{key}={spec[key]!r} needs the engine's scoring hook, which this "
-                                 f"pio_kernels.integrations lacks (PioConfig has no {key!r} field)")
-            del spec[key]
     from pio_kernels.integrations import PioConfig
     return PioConfig(**spec)
 

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from .accounting import schedule_tokens_per_layer
 from .fidelity import OBJECTIVES, fidelity, objective, reference_outputs
-from .schedules import PRESETS, describe, make_config
+from .schedules import describe, make_config, preset
 from .tasks.local import Sample
 
 __all__ = ["Candidate", "SearchSpace", "published_default", "search"]
@@ -72,11 +72,12 @@ class SearchSpace:
         if self.ints:
             return PioConfig(layers=cand.layers, keep=cand.keep, encoder_keep=cand.encoder, tau=tau,
                              num_positions=num_positions)
+        # (k + 0.5) / n: floor(fraction * n) == k (the engine's rule) despite the 6-digit rounding
         keep, prev = [], self.n if cand.encoder is None else cand.encoder
         for k in cand.keep:
-            keep.append(round(k / prev, 6))
+            keep.append(round((k + 0.5) / prev, 6))
             prev = k
-        enc = None if cand.encoder is None else round(cand.encoder / self.n, 6)
+        enc = None if cand.encoder is None else round((cand.encoder + 0.5) / self.n, 6)
         return PioConfig(layers=cand.layers, keep=tuple(keep), encoder_keep=enc, tau=tau, num_positions=num_positions)
 
     def feasible(self, cand: Candidate) -> bool:
@@ -179,7 +180,7 @@ def published_default(family: str, num_layers: int, n: int, encoder: bool) -> tu
     and ``n`` tokens when its layers do not fit; returns ``(label, PioConfig)``."""
     base = {"llava-1.5": "llava-1.5", "llava-next": "llava-next", "qwen2.5-vl": "qwen2.5-vl"}[family]
     name = f"{base}-ve" if encoder else base
-    spec = dict(PRESETS[name])
+    spec = preset(name)
     published_layers = 28 if family == "qwen2.5-vl" else 32
     if spec["layers"][-1] < num_layers:
         return name, make_config(name)

@@ -21,14 +21,13 @@ without it the checkpoint's tokenizer and image processor are composed here the 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .accounting import SampleStats, layer_flops, measured_tokens_per_layer, retention, text_dims
+from .accounting import SampleStats, prefill_stats, text_dims
 
 __all__ = ["FAMILIES", "Continuation", "FirstToken", "LocalVLM", "detect_family"]
 
@@ -113,49 +112,6 @@ def _load_processor(path: str, family: str):
                                        AutoImageProcessor.from_pretrained(path, local_files_only=True))
 
 
-class _StageClock:
-    """Per decoder stage, the time of the first call of the stage layer's pre-hooks since
-    ``reset`` (the prefill): the engine's selection runs in its pre-hook, between ours."""
-
-    def __init__(self, layers: Sequence[torch.nn.Module], device: torch.device):
-        self.device = device
-        self.handles = []
-        self.starts: dict[int, float] = {}
-        self.spans: dict[int, float] = {}
-        for i, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_pre_hook(self._start(i), prepend=True))
-            self.handles.append(layer.register_forward_pre_hook(self._stop(i)))
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _start(self, i):
-        def hook(module, args):
-            if i not in self.spans and i not in self.starts:
-                self.starts[i] = self._now()
-        return hook
-
-    def _stop(self, i):
-        def hook(module, args):
-            if i in self.starts and i not in self.spans:
-                self.spans[i] = (self._now() - self.starts[i]) * 1e3
-        return hook
-
-    def reset(self) -> None:
-        self.starts.clear()
-        self.spans.clear()
-
-    def ms(self) -> list[float]:
-        return [self.spans.get(i, 0.0) for i in range(len(self.handles) // 2)]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
 @dataclass
 class Continuation:
     """A continuation's score: the sum of its tokens' log-probabilities, whether greedy decoding
@@ -185,7 +141,6 @@ class LocalVLM:
         self.family = family
         self.device = device
         self.config = None           # the PioConfig applied (None: stock)
-        self._clock: _StageClock | None = None
         tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer = tokenizer
         cfg = model.config
@@ -217,20 +172,15 @@ class LocalVLM:
     # -- schedules --------------------------------------------------------------------------
     def apply(self, config) -> None:
         """Applies ``config`` (a PioConfig, or ``None`` for the stock model), replacing any other."""
-        from pio_kernels.integrations import apply_pio, engine
+        from pio_kernels.integrations import apply_pio
         self.remove()
         if config is None:
             return
         apply_pio(self.model, config)
         self.config = config
-        lm = engine.adapter_for(self.model).language_model(self.model)
-        self._clock = _StageClock([lm.layers[i] for i in config.layers], self.device)
 
     def remove(self) -> None:
         from pio_kernels.integrations import remove_pio
-        if self._clock is not None:
-            self._clock.remove()
-            self._clock = None
         if self.config is not None:
             remove_pio(self.model)
             self.config = None
@@ -276,25 +226,8 @@ class LocalVLM:
 
     # -- accounting -------------------------------------------------------------------------
     def _stats(self, batch: dict[str, torch.Tensor]) -> list[SampleStats]:
-        _, hidden, mlp = text_dims(self.model)
-        rows = measured_tokens_per_layer(self.model, self.config, batch["input_ids"], self.image_token_ids,
-                                         batch.get("attention_mask"))
-        stage_ms = None
-        if self._clock is not None:
-            stage_ms = [ms / len(rows) for ms in self._clock.ms()]
-        mask = batch.get("attention_mask")
-        lengths = (mask.sum(1) if mask is not None else torch.full((len(rows),), batch["input_ids"].shape[1])).tolist()
-        out = []
-        for (n_in, kept, counts), length in zip(rows, lengths):
-            out.append(SampleStats(input_tokens=int(length), visual_tokens=n_in, kept=kept, retained_fraction=retention(counts, n_in),
-                                   tflops=layer_flops(counts, hidden, mlp) / 1e12,
-                                   tflops_stock=layer_flops([n_in] * len(counts), hidden, mlp) / 1e12,
-                                   selection_ms=stage_ms))
-        return out
-
-    def _reset_clock(self) -> None:
-        if self._clock is not None:
-            self._clock.reset()
+        return prefill_stats(self.model, self.config, batch["input_ids"], self.image_token_ids,
+                             batch.get("attention_mask"))
 
     # -- running ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -303,7 +236,6 @@ class LocalVLM:
                  num_beams: int = 1) -> tuple[list[str], list[SampleStats]]:
         """Greedy (``temperature`` 0) or sampled continuations, cut at the first ``until`` string."""
         batch = self.encode(prompts, images)
-        self._reset_clock()
         sample = temperature > 0
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
                                   temperature=temperature if sample else None, top_p=top_p if sample else None,
@@ -333,7 +265,6 @@ class LocalVLM:
             if n < 1:
                 raise ValueError(f"continuation {c!r} adds no token to its prompt")
         batch = self.encode(full, images)
-        self._reset_clock()
         keep = max(n_cont) + 1
         logits = self.model(**batch, logits_to_keep=keep).logits.float()  # (B, keep, V)
         stats = self._stats(batch)
@@ -354,7 +285,6 @@ class LocalVLM:
         captured: list[torch.Tensor] = []
         handle = self.model.get_output_embeddings().register_forward_hook(
             lambda module, args, output: captured.append(args[0][:, -1].float()))
-        self._reset_clock()
         try:
             logits = self.model(**batch, logits_to_keep=1).logits[:, -1].float()
         finally:
