@@ -48,8 +48,8 @@ class StageInputs:
         final_norm: the model's final norm.
         lm_head: the model's output head.
         hidden_states: (B, S, D), the input of ``layer`` (model dtype, model device).
-        position_embeddings: ``(cos, sin)`` as the model hands its layers, each (B, S, head_dim)
-            or (S, head_dim).
+        position_embeddings: ``(cos, sin)`` as the model hands its layers, each (B, S, head_dim),
+            (1, S, head_dim) or (S, head_dim).
         attention_mask: (B, S), 1 for real tokens and 0 for padding (either side); ``None`` when
             every row is real.
         image_ids: (B, S) int64, the image id of every row, -1 for text and padding.
@@ -194,10 +194,12 @@ def attention_scores(inputs: StageInputs) -> torch.Tensor:
     k = _heads(attn.k_proj, x, head_dim, getattr(attn, "k_norm", None))       # (B, G, S, hd)
     cos, sin = (t.float() for t in inputs.position_embeddings)
     if cos.dim() == 2:
-        cos, sin = cos[None].expand(batch, -1, -1), sin[None].expand(batch, -1, -1)
+        cos, sin = cos[None], sin[None]
+    if cos.dim() == 3 and cos.shape[0] == 1:  # positions shared by the batch
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
     if cos.shape != (batch, seq_len, head_dim) or sin.shape != cos.shape:
         raise ValueError(f"position_embeddings must be (cos, sin) of shape (B, S, head_dim) = "
-                         f"{(batch, seq_len, head_dim)} or (S, head_dim), got {tuple(cos.shape)}")
+                         f"{(batch, seq_len, head_dim)}, (1, S, head_dim) or (S, head_dim), got {tuple(cos.shape)}")
     cos_q = cos.gather(1, last[:, None, None].expand(-1, 1, head_dim))[:, None]  # (B, 1, 1, hd)
     sin_q = sin.gather(1, last[:, None, None].expand(-1, 1, head_dim))[:, None]
     q = q * cos_q + _rotate_half(q) * sin_q

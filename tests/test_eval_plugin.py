@@ -140,6 +140,17 @@ def test_bad_model_args_name_the_problem(checkpoints, tmp_path):
         lm.generate_until([request])
 
 
+def test_model_args_choose_the_baseline(checkpoints):
+    lm = PioLMM(pretrained=checkpoints["llava-1.5"], dtype="float32", preset="llava-1.5-128", layers="[2,4]",
+                keep="[16,8]", scoring="attention", selection="topk", seed=3, tau=0.5)
+    c = lm.pio_config
+    assert (c.layers, c.keep, c.scoring, c.selection, c.seed, c.tau) == ((2, 4), (16, 8), "attention", "topk", 3, 0.5)
+    lm.task_dict = {"t": {"test": _docs()}}
+    _, stats = _unwrap(lm.generate_until(_gen_requests(max_new_tokens=2)[:2]))
+    assert all(s["kept"] == [16, 8] for s in stats)
+    assert PioLMM(pretrained=checkpoints["llava-1.5"], dtype="float32", preset="stock").pio_config is None
+
+
 def test_summarize_means_overall_and_per_task():
     rec = lambda task, r, f: {"task": task, "pio": {"visual_tokens": 10, "retained_fraction": r, "tflops": f,
                                                       "tflops_stock": 2.0, "selection_ms": [1.0, 2.0]}}

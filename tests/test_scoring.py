@@ -120,6 +120,17 @@ def test_attention_low_precision_within_twice_torch_error(dtype):
     assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
 
 
+def test_attention_takes_positions_shared_by_the_batch():
+    stage = make_stage("llama", seed=14)
+    inputs = _inputs(stage, [9, 9], 9, "left", seed=15)
+    shared = tuple(t[:1] for t in inputs.position_embeddings)  # (1, S, hd), as a plain forward hands them
+    flat = tuple(t[0] for t in inputs.position_embeddings)     # (S, hd)
+    want = attention_scores(inputs)
+    for pe in (shared, flat):
+        got = attention_scores(StageInputs(**{**inputs.__dict__, "position_embeddings": pe}))
+        assert torch.equal(got, want)
+
+
 def test_attention_is_batch_invariant():
     stage = make_stage("qwen2", seed=6)
     batch = _inputs(stage, [12, 8], 12, "left", seed=7)
