@@ -132,7 +132,7 @@ def _qwen2_5_vl(path: str, layers: int, seed: int) -> None:
                            temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=64,
                            fullatt_block_indexes=[1, 3], tokens_per_second=2),
         image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
-        vision_end_token_id=ids["end"], tie_word_embeddings=False)
+        vision_end_token_id=ids["end"], tie_word_embeddings=False, bos_token_id=None)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     _randomise_norms(model)
