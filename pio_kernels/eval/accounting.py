@@ -104,8 +104,9 @@ def prefill_stats(model, config, input_ids: torch.Tensor, image_token_ids: tuple
     """Per sample of the last prefill of ``model``: the SPEC accounting of what it kept.
 
     With a schedule (``config`` the PioConfig applied to ``model``) the counts, retention, FLOPs
-    and selection times are :func:`pio_kernels.integrations.last_stats`; the batch's selection
-    time per stage is shared evenly by its samples. For the stock model (``config`` None) every
+    and selection times are :func:`pio_kernels.integrations.last_stats` (a beam search prefills
+    each sample ``num_beams`` times: its first copy is read); the batch's selection time per
+    stage is shared evenly by its samples. For the stock model (``config`` None) every
     layer sees the ``N`` image placeholders of ``image_token_ids`` in ``input_ids`` (real rows).
     ``kept`` lists the visual tokens after the encoder stage (when on), then after each stage.
     """
@@ -125,12 +126,14 @@ def prefill_stats(model, config, input_ids: torch.Tensor, image_token_ids: tuple
             stock = layer_flops([n] * num_layers, hidden, mlp) / 1e12
             out.append(SampleStats(int(length), int(n), [], 1.0 if n else None, stock, stock, None))
         return out
+    rows = len(stats.visual_tokens)
+    step = rows // len(lengths) if rows % len(lengths) == 0 else 1  # beam search prefills every sample k times
     per_sample_ms = [ms / len(lengths) for ms in stats.selection_ms]
     for b, length in enumerate(lengths):
-        n, counts = int(stats.visual_tokens[b]), [int(c) for c in stats.tokens_per_layer[b]]
+        n, counts = int(stats.visual_tokens[b * step]), [int(c) for c in stats.tokens_per_layer[b * step]]
         kept = ([counts[0]] if config.encoder_keep is not None else []) + [counts[layer] for layer in config.layers]
         out.append(SampleStats(input_tokens=int(length), visual_tokens=n, kept=kept,
-                               retained_fraction=retention(counts, n), tflops=stats.visual_flops[b] / 1e12,
+                               retained_fraction=retention(counts, n), tflops=stats.visual_flops[b * step] / 1e12,
                                tflops_stock=layer_flops([n] * num_layers, hidden, mlp) / 1e12,
                                selection_ms=per_sample_ms))
     return out
