@@ -13,7 +13,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["pio_kernels", "pio_kernels.triton", "pio_kernels.integrations", "pio_kernels.integrations.engine",
-            "pio_kernels.integrations.models"]
+            "pio_kernels.integrations.models", "pio_kernels.eval", "pio_kernels.eval.tasks"]
 PACKAGE_DIR = {"pio_kernels": "pio_kernels", "pio_kernels.integrations": "integrations"}
 
 
