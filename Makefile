@@ -9,14 +9,15 @@ BUILT := $(VENV)/.pio-built
 CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench check-cuda clean
+.PHONY: install test test-transformers freeze demo bench check-cuda clean
 
 $(VPY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-$(DEPS): $(VPY) requirements-dev.txt
+$(DEPS): $(VPY) requirements-dev.txt requirements-nodeps.txt constraints-dev.txt
 	$(VPY) -m pip install -q --disable-pip-version-check -U "setuptools>=64" wheel
-	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -c constraints-dev.txt
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt -c constraints-dev.txt
 	touch $@
 
 $(BUILT): $(DEPS) setup.py pyproject.toml $(CSRC)
@@ -28,6 +29,17 @@ install: $(BUILT)
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: install check-cuda
 	$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# The integration tests on another transformers release (CI runs 5.17.0 and newest), e.g.
+# `make test-transformers TRANSFORMERS=5.17.0`; see .ci/test-transformers.
+TRANSFORMERS ?= newest
+test-transformers: install
+	.ci/test-transformers $(TRANSFORMERS)
+
+# Rewrites constraints-dev.txt from .venv (after changing requirements-dev.txt and testing).
+freeze: install
+	{ sed -n '1,3p' constraints-dev.txt; $(VPY) -m pip freeze --local | grep -v -e '^-e' -e '^pio' -e '^torch=='; \
+	  echo "torch==2.13.0"; } > constraints-dev.tmp && mv constraints-dev.tmp constraints-dev.txt
 
 # NO_VENV=1 runs demo and bench with the machine's own python3 and skips the install step,
 # for a machine whose Python already has torch and the project installed (the offline GPU
@@ -62,4 +74,4 @@ check-cuda: $(DEPS)
 	else echo "check-cuda: no nvcc or no .cu sources, skipped"; fi
 
 clean:
-	rm -rf build *.egg-info pio_kernels/_C*.so $(VENV)
+	rm -rf build *.egg-info pio_kernels/_C*.so $(VENV) .venv-tf

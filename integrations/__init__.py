@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pio_kernels import scoring
+
 from . import engine, hf
 
 __all__ = ["PRESETS", "PioConfig", "PioStats", "apply_pio", "last_selection", "last_stats", "preset", "remove_pio"]
@@ -164,9 +166,7 @@ def apply_pio(model: nn.Module, config: PioConfig) -> nn.Module:
                                   f"(layer_types {types})")
     if config.encoder_keep is not None and not adapter.supports_encoder_selection(model):
         raise ValueError(f"encoder_keep is not supported for {type(model).__name__}")
-    if config.scoring != "saliency":
-        from pio_kernels import scoring
-        scoring.get_scoring(config.scoring)
+    scoring.get_scoring(config.scoring)
     engine.install(model, adapter, config)
     return model
 

@@ -23,6 +23,8 @@ import llava_factory as lf
 import qwen2_5_vl_factory as qf
 from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, last_stats, remove_pio
 
+pytestmark = pytest.mark.integration
+
 STEPS = 4
 
 

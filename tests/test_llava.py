@@ -12,6 +12,8 @@ import torch
 
 from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, remove_pio
 
+pytestmark = pytest.mark.integration
+
 IMAGE = 99
 VOCAB = 100
 

@@ -12,6 +12,8 @@ from pio_kernels.integrations.engine import merge_dropped, resolve_budget, windo
 from pio_kernels.integrations.models import qwen2_5_vl as qwen
 from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
 
+pytestmark = pytest.mark.integration
+
 
 # ---------------------------------------------------------------- encoder side, pieces
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import pio_kernels
+from pio_kernels import scoring
 
 from .masks import build_attention_mask
 from .state import Cut, Prefill, Step
@@ -117,20 +118,17 @@ def select_per_image(hidden: torch.Tensor, scores: torch.Tensor | None, image_id
 
 def _score(state, layer, hidden: torch.Tensor, embeddings, valid: torch.Tensor, image_ids: torch.Tensor,
            all_valid: bool) -> torch.Tensor | None:
-    """Scores of the rows entering ``layer`` under the configured rule (None for ``uniform``)."""
+    """Scores of the rows entering ``layer`` by the configured rule of :mod:`pio_kernels.scoring`
+    (``None`` for ``uniform`` selection, which reads no scores)."""
     config = state.config
     if config.selection == "uniform":
         return None
     lm = state.adapter.language_model(state.model)
-    mask2d = None if all_valid else valid.long()
-    if config.scoring == "saliency":
-        return pio_kernels.proxy_saliency(layer, lm.norm, state.adapter.lm_head(state.model), hidden, embeddings,
-                                          attention_mask=mask2d, num_positions=config.num_positions)
-    from pio_kernels import scoring  # the registry of scoring rules (baselines)
-    generator = torch.Generator(device=hidden.device).manual_seed(config.seed)
+    generator = torch.Generator(device=hidden.device).manual_seed(config.seed) if config.scoring == "random" else None
     inputs = scoring.StageInputs(layer=layer, final_norm=lm.norm, lm_head=state.adapter.lm_head(state.model),
-                                 hidden_states=hidden, position_embeddings=embeddings, attention_mask=mask2d,
-                                 image_ids=image_ids, num_positions=config.num_positions, generator=generator)
+                                 hidden_states=hidden, position_embeddings=embeddings,
+                                 attention_mask=None if all_valid else valid.long(), image_ids=image_ids,
+                                 num_positions=config.num_positions, generator=generator)
     return scoring.get_scoring(config.scoring)(inputs)
 
 
