@@ -41,11 +41,13 @@ times; pass 2 reads the logits once per column block, ``D / BLOCK_D`` times), th
 of each thread (its share of the accumulator plus its slices of the two dot operands, which
 grow with the reduction tile: ``BLOCK_D`` in pass 1, ``BLOCK_V`` in pass 2) and the
 occupancy. A config that needs more than the registers ptxas gives it spills to local
-memory, and every ``tl.dot`` step then round-trips through L1/L2: the configs before these
-(pass 1 ``BLOCK_V = 128, BLOCK_D = 64``, pass 2 ``64, 128``, 4 warps) had 255 registers plus
-0.5-10 KB of stack per thread at sm_90. The chosen configs, with the most registers per
-thread over weight dtypes, bias and launch specialisations (:func:`kernel_resources`),
-no stack (0 spills) in any, on Triton 3.6 (ptxas 12.8) / 3.9 (ptxas 13.4):
+memory, and every ``tl.dot`` step then round-trips through L1/L2. The configs before these
+(pass 1 ``BLOCK_V = 128, BLOCK_D = 64``, pass 2 ``64, 128``, 4 warps, bf16 head) spilled at
+sm_90: pass 1 3.3 / 6 / 10.6-12.3 KB of stack per thread at BLOCK_R = 16 / 32 / 64 (ptxas
+then reports 32 registers), pass 2 255 registers + 8-24 B / 2.6-2.7 KB at 32 / 64. The
+chosen configs, with the most registers per thread over weight dtypes, bias and launch
+specialisations (:func:`kernel_resources`), no stack (0 spills) in any, on Triton 3.6
+(ptxas 12.8) / 3.9 (ptxas 13.4):
 
 =======  ==========================  ======  ==========================  ======
 BLOCK_R  pass 1 (V, D, warps, stg)   regs    pass 2 (V, D, warps, stg)   regs
@@ -60,7 +62,9 @@ of shared memory per CTA. Constraints met on purpose: ``tl.dot`` needs K >= 16 o
 3.6 (3.9 also takes 8); ptxas picks its own register target and may spill a few bytes well
 below 255 registers (3.6 at ``64, 64, 16, 8, 4`` in fp32: 80 registers + 16 B), so only the
 compiled cubin decides: ``tests/test_triton_aot.py`` compiles every config the launcher can
-choose for sm_90 and asserts zero spills. Not measured on a GPU yet.
+choose for sm_90 and asserts zero spills. The kernels do not specialise on R (nor on pass
+1's tile count): one compiled kernel per config whatever the batch, and one to check.
+Not measured on a GPU yet.
 """
 from __future__ import annotations
 
@@ -73,8 +77,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["KernelConfig", "head_loss_grad", "launch_configs", "possible_configs", "aot_compile",
-           "compile_ahead_of_time", "compiled_resources", "kernel_resources"]
+__all__ = ["KernelConfig", "head_loss_grad", "launch_configs", "possible_configs", "launch_ints", "aot_compile",
+           "compile_ahead_of_time", "compiled_resources", "kernel_resources", "parallel_map"]
 
 _MAX_BLOCK_R = 64  # all loss rows in one block up to 64 (B*K): each further block reads the head again
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -120,7 +124,9 @@ def possible_configs() -> list[tuple[KernelConfig, KernelConfig]]:
     return seen
 
 
-@triton.jit
+# R and n_tiles change with the batch: not specialising on them (Triton would make R == 1 a
+# constant and mark multiples of 16) keeps one compiled kernel per config, and one to check.
+@triton.jit(do_not_specialize=["R", "n_tiles"])
 def _logits_kernel(x_ptr, w_ptr, b_ptr, z_ptr, tile_max_ptr, tile_arg_ptr, tile_sum_ptr,
                    R, V, D, stride_x, stride_w, stride_z, n_tiles,
                    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -153,7 +159,7 @@ def _logits_kernel(x_ptr, w_ptr, b_ptr, z_ptr, tile_max_ptr, tile_arg_ptr, tile_
     tl.store(tile_sum_ptr + stat, tile_sum, mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _grad_kernel(z_ptr, lse_ptr, label_ptr, scale_ptr, w_ptr, out_ptr,
                  R, V, D, stride_z, stride_w, v_per_split,
                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -269,26 +275,22 @@ def head_loss_grad(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 # --------------------------------------------------------------------------------------
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# How Triton specialises a launch on its argument values: "generic" (no hint), "aligned"
-# (every pointer and every size/stride that can be a multiple of 16 is one, as with real
-# heads and the caching allocator), "one_row" (aligned, and R == 1, which Triton makes a
-# constant). The test compiles each, as register allocation differs between them.
-SPECIALIZATIONS = ("generic", "aligned", "one_row")
-_SIXTEEN_ALIGNABLE = ("R", "V", "D", "stride_x", "stride_w", "stride_z", "n_tiles", "v_per_split")
 
 
 def compile_ahead_of_time(fn, signature: dict[str, str], constexprs: dict, *, num_warps: int, num_stages: int,
-                          divisible: tuple[str, ...] = (), target=None):
+                          ints: dict[str, int] | None = None, target=None):
     """``triton.compile`` of the ``@triton.jit`` function ``fn`` for ``target`` without a GPU.
 
     Args:
         fn: the jitted kernel.
         signature: Triton type of each runtime argument (``"*bf16"``, ``"i32"``, ...).
-        constexprs: values of the ``tl.constexpr`` arguments (and of any argument that a
-            launch specialises to a constant, such as an int equal to 1).
+        constexprs: values of the ``tl.constexpr`` arguments.
         num_warps, num_stages: the launch options.
-        divisible: names of the arguments to mark as multiples of 16, as Triton does at a
-            launch whose pointers / ints are.
+        ints: ``None`` compiles the unspecialised kernel. Otherwise the kernel a launch with
+            these integer argument values gets (Triton 3.6 to 3.9): an int equal to 1 becomes a
+            constant, a multiple of 16 is marked divisible by 16, and so is every pointer
+            (PyTorch allocations are 16-byte aligned); ints not given, and those the kernel
+            lists in ``do_not_specialize``, get no hint.
         target: a ``triton.backends.compiler.GPUTarget``; default sm_90 (H100/H200).
 
     Returns:
@@ -296,7 +298,19 @@ def compile_ahead_of_time(fn, signature: dict[str, str], constexprs: dict, *, nu
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    constexprs, signature, divisible = dict(constexprs), dict(signature), []
+    if ints is not None:
+        fixed = {param.name for param in fn.params if param.do_not_specialize}
+        for name, value in ints.items():
+            if name in fixed:
+                continue
+            if value == 1:
+                constexprs[name] = 1
+                del signature[name]
+            elif value % 16 == 0:
+                divisible.append(name)
+        divisible += [name for name, kind in signature.items() if kind.startswith("*")]
+    signature.update({name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=target or GPUTarget("cuda", 90, 32),
@@ -338,8 +352,25 @@ def compiled_resources(compiled) -> dict[str, int]:
             "shared": int(compiled.metadata.shared)}
 
 
+def launch_ints(kernel: str, config: KernelConfig) -> list[dict[str, int] | None]:
+    """Integer argument values standing for every specialisation a launch of ``kernel`` with
+    ``config`` gets: unspecialised (``None``: pointers not 16-byte aligned, e.g. a sliced view),
+    V and D not multiples of 16 (aligned pointers), and the real heads' case, all multiples
+    of 16 (LLaVA 32000 x 4096, Qwen2.5-VL 152064 x 3584). R and the tile count are not
+    specialised on (``do_not_specialize``); ``v_per_split`` is a multiple of ``BLOCK_V`` >= 16.
+    """
+    if kernel not in ("logits", "grad"):
+        raise ValueError(f"kernel must be 'logits' or 'grad', got {kernel!r}")
+    variants: list[dict[str, int] | None] = [None]
+    for size in (4095, 4096):
+        ints = dict(R=config.block_r, V=size, D=size, stride_w=size, stride_z=size)
+        ints.update(dict(stride_x=size, n_tiles=250) if kernel == "logits" else dict(v_per_split=16 * config.block_v))
+        variants.append(ints)
+    return variants
+
+
 def aot_compile(kernel: str, config: KernelConfig, weight_dtype: torch.dtype, *, has_bias: bool = True,
-                specialization: str = "aligned", target=None):
+                ints: dict[str, int] | None = None, target=None):
     """Compile pass ``kernel`` of :func:`head_loss_grad` with ``config`` ahead of time (no GPU needed).
 
     Args:
@@ -347,7 +378,8 @@ def aot_compile(kernel: str, config: KernelConfig, weight_dtype: torch.dtype, *,
         config: one of the configs of :func:`possible_configs`.
         weight_dtype: the head's dtype, float32/float16/bfloat16.
         has_bias: the ``HAS_BIAS`` constexpr of pass 1.
-        specialization: one of :data:`SPECIALIZATIONS`.
+        ints: integer argument values to specialise on (:func:`compile_ahead_of_time`), e.g.
+            one of :func:`launch_ints`; ``None``: unspecialised.
         target: a ``triton.backends.compiler.GPUTarget``; default sm_90 (H100/H200).
 
     Returns:
@@ -355,8 +387,6 @@ def aot_compile(kernel: str, config: KernelConfig, weight_dtype: torch.dtype, *,
     """
     if weight_dtype not in TRITON_TYPES:
         raise TypeError(f"weight_dtype must be float32, float16 or bfloat16, got {weight_dtype}")
-    if specialization not in SPECIALIZATIONS:
-        raise ValueError(f"specialization must be one of {SPECIALIZATIONS}, got {specialization!r}")
     w = "*" + TRITON_TYPES[weight_dtype]
     constexprs = {"BLOCK_R": config.block_r, "BLOCK_V": config.block_v, "BLOCK_D": config.block_d}
     if kernel == "logits":
@@ -372,39 +402,44 @@ def aot_compile(kernel: str, config: KernelConfig, weight_dtype: torch.dtype, *,
                      "stride_w": "i32", "v_per_split": "i32"}
     else:
         raise ValueError(f"kernel must be 'logits' or 'grad', got {kernel!r}")
-    divisible: tuple[str, ...] = ()
-    if specialization != "generic":
-        divisible = tuple(name for name, kind in signature.items()
-                          if kind.startswith("*") or name in _SIXTEEN_ALIGNABLE)
-    if specialization == "one_row":
-        constexprs["R"] = 1
-        divisible = tuple(name for name in divisible if name != "R")
-        del signature["R"]
     return compile_ahead_of_time(fn, signature, constexprs, num_warps=config.num_warps,
-                                 num_stages=config.num_stages, divisible=divisible, target=target)
+                                 num_stages=config.num_stages, ints=ints, target=target)
 
 
 def kernel_resources(target=None, weight_dtypes: tuple[torch.dtype, ...] = WEIGHT_DTYPES,
-                     specializations: tuple[str, ...] = SPECIALIZATIONS) -> list[dict]:
+                     specialized_only: bool = False, workers: int | None = None) -> list[dict]:
     """:func:`compiled_resources` of every kernel config :func:`launch_configs` can choose.
 
     Compiles ahead of time for ``target`` (default sm_90; no GPU needed; about a second per
-    kernel, cached by Triton), for each weight dtype and launch specialisation (``"one_row"``
-    only for the config that ``rows = 1`` gets). One dict per kernel: ``kernel``
-    (``"logits"``/``"grad"``), the :class:`KernelConfig` fields, ``weight_dtype``, ``has_bias``,
-    ``specialization``, ``regs``, ``stack_bytes``, ``spills`` and ``shared``. For a benchmark
-    report: ``kernel_resources(weight_dtypes=(torch.bfloat16,), specializations=("aligned",))``.
+    kernel on ``workers`` threads, cached by Triton), for each weight dtype, bias or not, and
+    each launch specialisation of :func:`launch_ints` (``specialized_only``: only the real
+    heads' one, all sizes multiples of 16). One dict per kernel:
+    ``kernel`` (``"logits"``/``"grad"``), the :class:`KernelConfig` fields, ``weight_dtype``,
+    ``has_bias``, ``ints`` (the launch values, ``None``: unspecialised), ``regs``,
+    ``stack_bytes``, ``spills`` and ``shared``. For a short benchmark report:
+    ``kernel_resources(weight_dtypes=(torch.bfloat16,), specialized_only=True)``.
     """
-    out = []
-    for pair in possible_configs():
-        for dtype in weight_dtypes:
-            for spec in specializations:
-                if spec == "one_row" and pair != launch_configs(1):
-                    continue
-                for kernel, cfg, has_bias in (("logits", pair[0], False), ("logits", pair[0], True),
-                                              ("grad", pair[1], None)):
-                    compiled = aot_compile(kernel, cfg, dtype, has_bias=bool(has_bias), specialization=spec,
-                                           target=target)
-                    out.append(dict(kernel=kernel, **cfg._asdict(), weight_dtype=str(dtype).removeprefix("torch."),
-                                    has_bias=has_bias, specialization=spec, **compiled_resources(compiled)))
-    return out
+    jobs = [(kernel, cfg, dtype, has_bias, ints)
+            for pair in possible_configs() for dtype in weight_dtypes
+            for kernel, cfg, has_bias in (("logits", pair[0], False), ("logits", pair[0], True),
+                                          ("grad", pair[1], None))
+            for ints in launch_ints(kernel, cfg)[-1 if specialized_only else 0:]]
+
+    def measure(job) -> dict:
+        kernel, cfg, dtype, has_bias, ints = job
+        compiled = aot_compile(kernel, cfg, dtype, has_bias=bool(has_bias), ints=ints, target=target)
+        return dict(kernel=kernel, **cfg._asdict(), weight_dtype=str(dtype).removeprefix("torch."),
+                    has_bias=has_bias, ints=ints, **compiled_resources(compiled))
+
+    return parallel_map(measure, jobs, workers)
+
+
+def parallel_map(fn, items: list, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]`` on up to ``workers`` threads (default: one per CPU, at most 8);
+    Triton's compiler spends most of its time outside the GIL (MLIR passes, ptxas)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers == 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))

@@ -31,13 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pio_kernels.triton.head_loss import TRITON_TYPES, compile_ahead_of_time, compiled_resources
+from pio_kernels.triton.head_loss import TRITON_TYPES, compile_ahead_of_time, compiled_resources, parallel_map
 
-__all__ = ["EpilogueConfig", "saliency_epilogue", "launch_config", "possible_configs", "aot_compile",
-           "kernel_resources"]
+__all__ = ["EpilogueConfig", "saliency_epilogue", "launch_config", "possible_configs", "launch_ints",
+           "aot_compile", "kernel_resources"]
 
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # any other float is upcast to fp32 first
-SPECIALIZATIONS = ("generic", "aligned")
 _MIN_BLOCK_D, _MAX_BLOCK_D = 128, 1024
 
 
@@ -161,40 +160,47 @@ def saliency_epilogue(grad_xn: torch.Tensor, hidden: torch.Tensor, gain: torch.T
         return out.view(batch, seq_len)
 
 
-def aot_compile(config: EpilogueConfig, hidden_dtype: torch.dtype, *, specialization: str = "aligned",
+def launch_ints(config: EpilogueConfig) -> list[dict[str, int] | None]:
+    """Integer argument values standing for every specialisation a launch with ``config`` can get:
+    ``None`` (unspecialised: pointers not 16-byte aligned), then aligned pointers with D and the
+    row strides (all equal) not a multiple of 16, and a multiple of 16 (real models)."""
+    return [None] + [dict(D=d, stride_grad=d, stride_h=d, stride_extra=d) for d in (4095, 4096)]
+
+
+def aot_compile(config: EpilogueConfig, hidden_dtype: torch.dtype, *, ints: dict[str, int] | None = None,
                 target=None):
     """Compile the epilogue kernel with ``config`` ahead of time (no GPU needed).
 
     Args:
         config: one of :func:`possible_configs`.
         hidden_dtype: float32/float16/bfloat16 (the gain is always passed as float32).
-        specialization: ``"generic"`` or ``"aligned"`` (pointers, D and strides multiples of 16).
+        ints: integer argument values to specialise on (see
+            :func:`pio_kernels.triton.head_loss.compile_ahead_of_time`), e.g. one of
+            :func:`launch_ints`; ``None``: unspecialised.
         target: a ``triton.backends.compiler.GPUTarget``; default sm_90 (H100/H200).
     """
     if hidden_dtype not in HIDDEN_DTYPES:
         raise TypeError(f"hidden_dtype must be float32, float16 or bfloat16, got {hidden_dtype}")
-    if specialization not in SPECIALIZATIONS:
-        raise ValueError(f"specialization must be one of {SPECIALIZATIONS}, got {specialization!r}")
     signature = {"grad_ptr": "*fp32", "h_ptr": "*" + TRITON_TYPES[hidden_dtype], "w_ptr": "*fp32",
                  "extra_ptr": "*fp32", "extra_slot_ptr": "*i64", "out_ptr": "*fp32", "D": "i32", "eps": "fp32",
                  "stride_grad": "i32", "stride_h": "i32", "stride_extra": "i32"}
-    divisible: tuple[str, ...] = ()
-    if specialization == "aligned":
-        divisible = tuple(name for name, kind in signature.items() if kind.startswith("*") or kind == "i32")
     return compile_ahead_of_time(_epilogue_kernel, signature, {"BLOCK_D": config.block_d},
-                                 num_warps=config.num_warps, num_stages=config.num_stages, divisible=divisible,
-                                 target=target)
+                                 num_warps=config.num_warps, num_stages=config.num_stages, ints=ints, target=target)
 
 
 def kernel_resources(target=None, hidden_dtypes: tuple[torch.dtype, ...] = HIDDEN_DTYPES,
-                     specializations: tuple[str, ...] = SPECIALIZATIONS) -> list[dict]:
+                     specialized_only: bool = False, workers: int | None = None) -> list[dict]:
     """``compiled_resources`` (regs, stack_bytes, spills, shared) of every config :func:`launch_config`
-    can choose, per hidden dtype and specialisation; one dict each, with the config's fields."""
-    out = []
-    for cfg in possible_configs():
-        for dtype in hidden_dtypes:
-            for spec in specializations:
-                compiled = aot_compile(cfg, dtype, specialization=spec, target=target)
-                out.append(dict(kernel="epilogue", **cfg._asdict(), hidden_dtype=str(dtype).removeprefix("torch."),
-                                specialization=spec, **compiled_resources(compiled)))
-    return out
+    can choose, per hidden dtype and launch specialisation (:func:`launch_ints`;
+    ``specialized_only``: only D a multiple of 16, as in real models); one dict each, with
+    the config's fields, ``hidden_dtype`` and ``ints``. Compiles on ``workers`` threads."""
+    jobs = [(cfg, dtype, ints) for cfg in possible_configs() for dtype in hidden_dtypes
+            for ints in launch_ints(cfg)[-1 if specialized_only else 0:]]
+
+    def measure(job) -> dict:
+        cfg, dtype, ints = job
+        compiled = aot_compile(cfg, dtype, ints=ints, target=target)
+        return dict(kernel="epilogue", **cfg._asdict(), hidden_dtype=str(dtype).removeprefix("torch."), ints=ints,
+                    **compiled_resources(compiled))
+
+    return parallel_map(measure, jobs, workers)
