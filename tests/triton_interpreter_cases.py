@@ -27,9 +27,22 @@ from pio_kernels.triton.head_loss import head_loss_grad  # noqa: E402
 from pio_kernels.triton.saliency_epilogue import saliency_epilogue  # noqa: E402
 
 
+# (rows, vocab, dim, bias): odd sizes; rows reach every BLOCK_R the launcher picks (16: rows 1-16,
+# 32: 17-32, 64: 33-64, and several blocks of 64 beyond); dims not multiples of BLOCK_D.
+HEAD_CASES = [(1, 130, 33, True), (4, 300, 70, False), (16, 128, 64, True), (21, 257, 48, True),
+              (40, 97, 40, False), (70, 140, 20, False)]
+EPILOGUE_DIMS = [70, 200, 300, 1100]  # every BLOCK_D: 128, 256, 512 and 1024 (1100 also loops over D)
+
+
+def test_cases_reach_every_launch_config():
+    from pio_kernels.triton import head_loss, saliency_epilogue as epilogue
+    assert {head_loss.launch_configs(rows) for rows, *_ in HEAD_CASES} == set(head_loss.possible_configs())
+    assert {epilogue.launch_config(dim) for dim in EPILOGUE_DIMS} == set(epilogue.possible_configs())
+    assert any(rows > 64 for rows, *_ in HEAD_CASES)  # several row blocks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows,vocab,dim,bias", [(4, 300, 70, False), (21, 257, 48, True), (16, 128, 64, True),
-                                                  (70, 140, 20, False)])
+@pytest.mark.parametrize("rows,vocab,dim,bias", HEAD_CASES)
 def test_head_loss_grad_matches_torch(dtype, rows, vocab, dim, bias):
     gen = torch.Generator().manual_seed(rows + vocab)
     normed = torch.randn(rows, dim, generator=gen)
@@ -61,13 +74,15 @@ def test_head_loss_grad_ties_go_to_lowest_index():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dim", [70, 1100])  # 1100 > one 1024 block: exercises the D loop
-def test_epilogue_matches_torch(dtype, dim):
+@pytest.mark.parametrize("dtype,gain_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                              (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float64, torch.float64)])
+@pytest.mark.parametrize("dim", EPILOGUE_DIMS)
+def test_epilogue_matches_torch(dtype, gain_dtype, dim):
     gen = torch.Generator().manual_seed(dim)
     grad = torch.randn(2, 9, dim, generator=gen)
     hidden = torch.randn(2, 9, dim, generator=gen).to(dtype)
-    gain = torch.rand(dim, generator=gen).to(dtype)
+    gain = torch.rand(dim, generator=gen).to(gain_dtype)
     rows = torch.tensor([[3, 4, 5], [0, 2, 7]])
     extra = torch.randn(2, 3, dim, generator=gen)
     got = saliency_epilogue(grad, hidden, gain, 1e-6, rows, extra)
@@ -90,6 +105,8 @@ def test_launchers_validate_inputs():
         saliency_epilogue(g, h, torch.ones(7), 1e-6, rows, torch.zeros(1, 2, 8))
     with pytest.raises(ValueError, match="grad_residual"):
         saliency_epilogue(g, h, torch.ones(8), 1e-6, rows, torch.zeros(1, 3, 8))
+    with pytest.raises(ValueError, match="gain"):
+        saliency_epilogue(g, h, torch.ones(8, dtype=torch.int64), 1e-6, rows, torch.zeros(1, 2, 8))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -102,3 +119,11 @@ def test_proxy_saliency_triton_backend_matches_reference(family):
     want = reference.proxy_saliency(*args, attention_mask=mask)
     got = proxy_saliency(*args, attention_mask=mask, backend="triton")
     assert ((got - want).abs().max() / want.max()).item() <= 1e-4
+
+
+def test_launchers_accept_empty_inputs():
+    got = head_loss_grad(torch.zeros(0, 8), torch.randn(10, 8), None, torch.ones(0))
+    assert got.shape == (0, 8) and got.dtype == torch.float32
+    got = saliency_epilogue(torch.zeros(2, 0, 8), torch.zeros(2, 0, 8), torch.ones(8), 1e-6,
+                            torch.zeros(2, 0, dtype=torch.int64), torch.zeros(2, 0, 8))
+    assert got.shape == (2, 0) and got.dtype == torch.float32
