@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["encoder_cut", "image_sources", "merge_dropped", "split_local_global", "window_global"]
+__all__ = ["attention_received", "encoder_cut", "image_sources", "merge_dropped", "split_local_global",
+           "window_global"]
+
+# Attention probabilities held at once by attention_received, in elements (fp32: 64 MiB).
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def _windows(grid_h: int, grid_w: int, window: tuple[int, int], device, clamp: bool) -> tuple[torch.Tensor, int]:
@@ -137,6 +141,27 @@ def window_global(local: torch.Tensor, global_: torch.Tensor, grid_h: int, grid_
     chosen |= _take_first(order, ~chosen.gather(1, order), short)
     g_order = _descending(global_.float())
     return chosen | _take_first(g_order, ~chosen.gather(1, g_order), budget - n_local)
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, chunk_elements: int = SCORE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The attention each key receives, averaged over heads and queries (SPEC 4's column means).
+
+    Args:
+        q: (B, H, N, d) queries, already scaled (the attention is ``softmax(q k^T)`` over keys).
+        k: (B, H, N, d) keys.
+        chunk_elements: probabilities held at once.
+
+    Returns:
+        (B, N) float32: column means of the attention map of each of the B sequences. The softmax
+        is taken in fp32 over query chunks, so memory is O(chunk_elements), never O(N^2).
+    """
+    batch, heads, n, _ = q.shape
+    q, k = q.float(), k.float().transpose(-1, -2)
+    out = torch.zeros(batch, n, dtype=torch.float32, device=q.device)
+    chunk = max(1, chunk_elements // (batch * heads * n))
+    for q0 in range(0, n, chunk):
+        out += (q[:, :, q0:q0 + chunk] @ k).softmax(dim=-1).sum(dim=(1, 2))
+    return out / (heads * n)
 
 
 def merge_dropped(features: torch.Tensor, keep: torch.Tensor, group: torch.Tensor,
