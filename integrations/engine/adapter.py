@@ -68,7 +68,7 @@ from .. import hf
 __all__ = ["Adapter", "BUILTIN_ADAPTERS", "adapter_for", "register_adapter"]
 
 # Modules of integrations.models that define adapters; each registers itself when imported.
-BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 _ADAPTERS: list["Adapter"] = []
 
 
