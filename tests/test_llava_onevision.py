@@ -118,3 +118,9 @@ def test_padded_batch_equals_each_sample_alone_through_generate(encoder_keep):
 def test_kv_cache_past_a_stage_shrinks(encoder_keep):
     model = _model()
     checks.check_cache_shrinks(model, make_inputs(model, SAMPLES, seed=4), [1, 3], [0.5, 0.34], encoder_keep)
+
+
+@pytest.mark.parametrize("name,layers", [("llava-onevision-ve", 28), ("llava-onevision-0.5b-ve", 24)])
+def test_default_schedule(name, layers):
+    model = make_model(layers=layers)
+    checks.check_preset(model, make_inputs(model, [[5, ("image", 2), 9]]), name)

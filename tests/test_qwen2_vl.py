@@ -81,3 +81,7 @@ def test_padded_batch_equals_each_sample_alone_through_generate(encoder_keep):
 @pytest.mark.parametrize("encoder_keep", [None, 0.5])
 def test_kv_cache_past_a_stage_shrinks(encoder_keep):
     checks.check_cache_shrinks(_model(), make_qwen2_inputs(SAMPLES, seed=4), [1, 3], [0.5, 0.34], encoder_keep)
+
+
+def test_default_schedule():
+    checks.check_preset(make_qwen2_vl(layers=28), make_qwen2_inputs([[5, (24, 24), 9]]), "qwen2-vl-ve")

@@ -140,3 +140,7 @@ def test_merge_dropped_values_follow_the_features_assignment():
     assert torch.equal(merged[0, 5:], values[0, 5:]) and torch.equal(merged[0, [1, 3, 4]], values[0, [1, 3, 4]])
     assert target != [0, 0, 1, 0, 0]  # not a trivial assignment
     torch.testing.assert_close(merge_dropped(features, keep, group, values=features), merge_dropped(features, keep, group))
+
+
+def test_default_schedule():
+    checks.check_preset(make_qwen3_vl(layers=36), make_qwen3_inputs([[5, (24, 24), 9]]), "qwen3-vl-ve")

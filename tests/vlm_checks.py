@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from pio_kernels import reference
-from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, last_stats, remove_pio
+from pio_kernels.integrations import PRESETS, PioConfig, apply_pio, hf, last_selection, last_stats, remove_pio
 from pio_kernels.integrations.engine import resolve_budget
 
 
@@ -274,3 +274,16 @@ def check_cache_shrinks(model, inputs, layers, keep, encoder_keep=None) -> None:
     if encoder_keep is not None:
         assert stored[0] < max(valid)
     assert cache.get_seq_length() == seq_len
+
+
+def check_preset(model, inputs, name: str) -> None:
+    """A default schedule (``PRESETS[name]``) on a model of its depth: one stage at the middle layer,
+    and about 11.1% of the visual tokens per layer on average (the SPEC 1 accounting, which the
+    floor of small budgets pulls a little lower on tiny images)."""
+    config = PRESETS[name]
+    depth = len(model.model.language_model.layers)
+    assert list(config.layers) == [depth // 2] and config.encoder_keep is not None
+    with pio(model, config):
+        logits(model, inputs)
+        stats = last_stats(model)
+    assert all(0.10 <= r <= 0.115 for r in stats.retention), stats.retention
