@@ -100,10 +100,11 @@ def _newlines(model, inputs, b) -> set[int]:
     return {int(s) for bb, s in rows[marks].tolist() if bb == b}
 
 
-@pytest.mark.parametrize("encoder_keep", [None, 0.5])
-def test_cached_decode_equals_reduced_model_from_scratch(encoder_keep):
+@pytest.mark.parametrize("samples,encoder_keep", [(SAMPLES, None), (SAMPLES, 0.5), (MULTI, 0.5)],
+                         ids=["anyres", "anyres-encoder", "multi-image-encoder"])
+def test_cached_decode_equals_reduced_model_from_scratch(samples, encoder_keep):
     model = _model()
-    inputs = make_inputs(model, SAMPLES, seed=3)
+    inputs = make_inputs(model, samples, seed=3)
     checks.check_cached_decode_matches_reference(model, family(model), inputs, [1, 3], [0.5, 0.34], encoder_keep)
 
 
