@@ -62,11 +62,9 @@ def visual_ids(model, inputs) -> torch.Tensor:
     return out
 
 
-def tower_column_means(model, pixel_values: torch.Tensor, grid: torch.Tensor, blocks) -> list[torch.Tensor]:
-    """Per block of ``blocks``: (merged tokens,) the attention each merged token's patches receive,
-    averaged over heads, over the queries of their frame and over the 2 x 2 patches; from the eager
-    attention weights the tower materialises (its blocks run in output order: no windows)."""
-    visual = model.model.visual
+def eager_attention_weights(visual, pixel_values: torch.Tensor, grid: torch.Tensor, blocks) -> dict[int, list]:
+    """``{block: [(H, n, n) float32 per attention segment]}``: the attention weights the Qwen-family
+    vision tower ``visual`` materialises at ``blocks`` when it runs eager attention."""
     module = sys.modules[type(visual.blocks[0].attn).__module__]
     original = module.eager_attention_forward
     current, weights = {}, {block: [] for block in blocks}
@@ -74,7 +72,7 @@ def tower_column_means(model, pixel_values: torch.Tensor, grid: torch.Tensor, bl
     def recording(attn, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         out, w = original(attn, query, key, value, attention_mask, scaling, dropout, **kwargs)
         if current.get("block") in weights:
-            weights[current["block"]].append(w[0].float())  # (H, n, n) of one frame
+            weights[current["block"]].append(w[0].float())
         return out, w
 
     handles = [blk.register_forward_pre_hook(lambda m, a, i=i: current.update(block=i))
@@ -90,6 +88,14 @@ def tower_column_means(model, pixel_values: torch.Tensor, grid: torch.Tensor, bl
         visual.config._attn_implementation = impl
         for handle in handles:
             handle.remove()
+    return weights
+
+
+def tower_column_means(model, pixel_values: torch.Tensor, grid: torch.Tensor, blocks) -> list[torch.Tensor]:
+    """Per block of ``blocks``: (merged tokens,) the attention each merged token's patches receive,
+    averaged over heads, over the queries of their frame and over the 2 x 2 patches (the tower's
+    blocks run in output order: no windows)."""
+    weights = eager_attention_weights(model.model.visual, pixel_values, grid, blocks)
     return [torch.cat([w.mean(0).mean(0) for w in weights[block]]).view(-1, MERGED).mean(1) for block in blocks]
 
 
