@@ -48,11 +48,11 @@ class DeepStack:
 
     def __init__(self, state) -> None:
         self.state = state
-        self.call: tuple | None = None       # (inputs_embeds, mask, [features per level])
-        self.rows: torch.Tensor | None = None  # (B, S, levels * D) features on the caller's rows
+        self.call: tuple | None = None    # (inputs_embeds, mask, [features per level]) of the call
+        self.features: tuple | None = None  # (visual rows, levels * D) features, (B, S) row of each
 
     def take(self, module, args, kwargs):
-        self.call = self.rows = None
+        self.call = self.features = None
         kwargs, mask, features = hf.take_deepstack(kwargs)
         if mask is None:
             return None
@@ -60,7 +60,7 @@ class DeepStack:
         return args, kwargs
 
     def release(self, module, args, kwargs, output):
-        self.call = self.rows = None
+        self.call = self.features = None
 
     def add(self, level: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """``hidden`` (B, W, D), the output of decoder layer ``level``, with DeepStack level ``level``."""
@@ -72,31 +72,35 @@ class DeepStack:
         if state.pending is None and (step is None or not step.replay):
             return hf.deepstack_add(hidden, mask, features[level])  # the call's own rows
         cut = state.current_cut(level)
-        dim = hidden.shape[-1]
-        rows = self._caller_rows(step.prefill if state.pending is None else state.pending)
+        stacked, slot_of = self._features(step.prefill if state.pending is None else state.pending)
         index = cut.index.to(hidden.device)
-        src = index.clamp_min(0)
-        present = (index >= 0) & mask.to(hidden.device).gather(1, src)
-        values = rows[..., level * dim:(level + 1) * dim].gather(1, src[..., None].expand(-1, -1, dim))
+        slot = slot_of.to(hidden.device).gather(1, index.clamp_min(0))
+        present = (index >= 0) & (slot >= 0)
+        dim = hidden.shape[-1]
+        values = stacked[slot.clamp_min(0), level * dim:(level + 1) * dim]
         out = hidden.clone()
         head = out[:, :index.shape[1]]  # the prompt rows of the cut; a replay's new rows follow
         head[present] = head[present] + values[present].to(hidden.dtype)
         return out
 
-    def _caller_rows(self, prefill) -> torch.Tensor:
-        """(B, S, levels * D): every level's features on the caller's visual rows (zeros elsewhere),
-        merged as the main features were when the encoder side cut the prompt."""
-        if self.rows is None:
+    def _features(self, prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every level's features side by side, (visual rows, levels * D) in the row-major order of
+        the call's visual rows, merged as the main features were when the encoder side cut the
+        prompt; and (B, S) the row of each caller row among them (-1 for text)."""
+        if self.features is None:
             embeds, mask, features = self.call
+            mask = mask.to(embeds.device)
             stacked = torch.cat([f.to(embeds.device) for f in features], dim=-1)
-            rows = stacked.new_zeros(*mask.shape, stacked.shape[-1])
-            rows[mask.to(embeds.device)] = stacked
             if prefill.encoder_merge is not None:
                 keep, group = prefill.encoder_merge
                 s0 = keep.shape[1]
+                rows = stacked.new_zeros(*mask.shape, stacked.shape[-1])
+                rows[mask] = stacked
                 rows[:, :s0] = merge_dropped(embeds[:, :s0], keep, group, values=rows[:, :s0])
-            self.rows = rows
-        return self.rows
+                stacked = rows[mask]
+            slot = mask.reshape(-1).long().cumsum(0).view_as(mask) - 1
+            self.features = stacked, slot.masked_fill(~mask, -1)
+        return self.features
 
 
 class _Level:
