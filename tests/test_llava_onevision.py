@@ -125,3 +125,9 @@ def test_kv_cache_past_a_stage_shrinks(encoder_keep):
 def test_default_schedule(name, layers):
     model = make_model(layers=layers)
     checks.check_preset(model, make_inputs(model, [[5, ("image", 2), 9]]), name)
+
+
+def test_bf16_within_twice_torch_error():
+    model = make_model(dtype=torch.bfloat16)
+    inputs = make_inputs(_model(), SAMPLES, seed=5)  # the fp32 twin counts the tokens
+    checks.check_bf16_within_twice_torch(model, family(model), inputs, [1, 3], [0.5, 0.34])

@@ -85,3 +85,8 @@ def test_kv_cache_past_a_stage_shrinks(encoder_keep):
 
 def test_default_schedule():
     checks.check_preset(make_qwen2_vl(layers=28), make_qwen2_inputs([[5, (24, 24), 9]]), "qwen2-vl-ve")
+
+
+def test_bf16_within_twice_torch_error():
+    model = make_qwen2_vl(dtype=torch.bfloat16)
+    checks.check_bf16_within_twice_torch(model, FAMILY, make_qwen2_inputs(SAMPLES, seed=5), [1, 3], [0.5, 0.34])

@@ -144,3 +144,8 @@ def test_merge_dropped_values_follow_the_features_assignment():
 
 def test_default_schedule():
     checks.check_preset(make_qwen3_vl(layers=36), make_qwen3_inputs([[5, (24, 24), 9]]), "qwen3-vl-ve")
+
+
+def test_bf16_within_twice_torch_error():
+    model = make_qwen3_vl(dtype=torch.bfloat16)
+    checks.check_bf16_within_twice_torch(model, FAMILY, make_qwen3_inputs(SAMPLES, seed=5), [1, 3], [0.5, 0.34])

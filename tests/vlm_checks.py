@@ -287,3 +287,23 @@ def check_preset(model, inputs, name: str) -> None:
         logits(model, inputs)
         stats = last_stats(model)
     assert all(0.10 <= r <= 0.115 for r in stats.retention), stats.retention
+
+
+def check_bf16_within_twice_torch(model, family: Family, inputs, layers, keep) -> None:
+    """Flash-attention's rule: the bf16 integration is no further from fp32 than PyTorch's own bf16
+    is. ``model`` is bf16; the fp32 model is the same weights upcast; both references drop the rows
+    the bf16 run dropped."""
+    import copy
+    model32 = copy.deepcopy(model).float()
+    inputs16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
+    inputs32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs16.items()}
+    with pio(model, PioConfig(layers=layers, keep=keep)):
+        out = logits(model, inputs16)
+        sel = selection_lists(model)
+    ref32, _ = reference_batch(model32, family, inputs32, layers, selection=sel)
+    ref16, _ = reference_batch(model, family, inputs16, layers, selection=sel)
+    for b, rows in enumerate(ref32):
+        for r, expected in rows.items():
+            ours = (out[b, r].float() - expected.float()).abs().max()
+            torch_err = (ref16[b][r].float() - expected.float()).abs().max()
+            assert ours <= 2 * torch_err + 1e-2, (b, r, float(ours), float(torch_err))
