@@ -51,9 +51,10 @@ Encoder-side selection (SPEC 4; only where ``supports_encoder_selection(model)``
                                    ``budget(n)`` gives the tokens kept of a span of ``n``.
 Model behaviour the engine does not model (optional)
     ``extra_hooks(model, state)``  handles (``.remove()``) of hooks the family needs on top of the
-                                   engine's, registered after them (e.g. Qwen3-VL's DeepStack, which
-                                   adds features to the rows each layer keeps: see
-                                   :meth:`~.state.PioState.current_cut`); ``uninstall`` removes them.
+                                   engine's, registered after them (``prepend=True`` runs one before
+                                   them); e.g. Qwen3-VL's DeepStack, which adds features to the rows
+                                   each layer keeps (see :meth:`~.state.PioState.current_cut`).
+                                   ``uninstall`` removes them.
 """
 from __future__ import annotations
 
