@@ -127,6 +127,13 @@ PRESETS: dict[str, PioConfig] = {
     "llava-1.5": PioConfig(layers=[1, 10, 15], keep=[92, 54, 22]),
     "llava-1.5-128": PioConfig(layers=[1, 10, 15], keep=[218, 128, 54]),
     "qwen2.5-vl-ve": PioConfig(layers=[14], keep=[0.333], encoder_keep=0.167),
+    # Defaults, not tuned results: the published ratios (the encoder keeps 16.7%, the middle
+    # decoder layer keeps 33.3% of those: 11.1% on average) at each model's depth.
+    "qwen2-vl-ve": PioConfig(layers=[14], keep=[0.333], encoder_keep=0.167),             # 2B, 7B: 28 layers
+    "qwen3-vl-ve": PioConfig(layers=[18], keep=[0.333], encoder_keep=0.167),             # 8B: 36 layers
+    "qwen3-vl-32b-ve": PioConfig(layers=[32], keep=[0.333], encoder_keep=0.167),         # 32B: 64 layers
+    "llava-onevision-ve": PioConfig(layers=[14], keep=[0.333], encoder_keep=0.167),      # 7B: 28 layers
+    "llava-onevision-0.5b-ve": PioConfig(layers=[12], keep=[0.333], encoder_keep=0.167),  # 0.5B: 24 layers
 }
 
 

@@ -283,3 +283,65 @@ def generation_modes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
         "use_cache": pick("use_cache", True),
         "num_beams": pick("num_beams", 1) or 1,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-family internals: Qwen3-VL (DeepStack, video features), LLaVA-OneVision (crops, frames).
+# The same in 5.17 and 5.24.
+# ----------------------------------------------------------------------------------------------
+# Qwen3-VL's text model takes its DeepStack features as two forward keywords: ``visual_pos_masks``
+# (B, S) bool, the visual rows of the call, and ``deepstack_visual_embeds``, one (visual rows, D)
+# tensor per DeepStack level, in the row-major order of the mask. After decoder layer ``i`` it adds
+# level ``i`` to those rows (its ``_deepstack_process``).
+DEEPSTACK_KEYS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def take_deepstack(kwargs: dict) -> tuple[dict, torch.Tensor | None, list | None]:
+    """``(kwargs, mask, features)``: the language model's kwargs with the DeepStack features taken
+    out (so its own layers loop adds none), the visual-row mask and the per-level features; the
+    kwargs unchanged and ``None`` twice when the call carries none."""
+    mask, features = (kwargs.get(key) for key in DEEPSTACK_KEYS)
+    if mask is None or features is None:
+        return kwargs, None, None
+    kwargs = dict(kwargs)
+    for key in DEEPSTACK_KEYS:
+        kwargs[key] = None
+    return kwargs, mask, list(features)
+
+
+def deepstack_add(hidden: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's DeepStack step, with the stock arithmetic: ``features`` (n, D) added, in
+    ``hidden``'s dtype, to the ``n`` rows of ``hidden`` (B, S, D) that ``mask`` (B, S) marks."""
+    mask = mask.to(hidden.device)
+    out = hidden.clone()
+    out[mask, :] = out[mask, :] + features.to(hidden.device, hidden.dtype)
+    return out
+
+
+def is_video_run(call: dict, run) -> bool:
+    """Whether an image-feature call computed video features. Qwen3-VL's ``get_video_features``
+    calls ``get_image_features`` with the video's pixels: in a forward they are the call's
+    ``pixel_values_videos``; ``generate`` (5.24+) hands the output over as
+    ``mm_encoder_outputs["video"]`` (expanded for beams in place, so the object stays the same)."""
+    pixels = run.kwargs.get("pixel_values")
+    if pixels is not None and pixels is call.get("pixel_values_videos"):
+        return True
+    video = (call.get("mm_encoder_outputs") or {}).get("video")
+    return video is not None and video is run.output
+
+
+def llava_onevision_crops(config, image_sizes, batch_num_images=None) -> list[int]:
+    """Crops (base image + anyres tiles) LLaVA-OneVision cuts each image into: one for every image
+    of a sample with several images (``batch_num_images``), else as LLaVA-NeXT."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    patching = [True] * len(image_sizes) if batch_num_images is None else \
+        [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+    return [int(image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                          patch_size=config.vision_config.image_size)) if patch else 1
+            for size, patch in zip(image_sizes, patching)]
+
+
+def llava_onevision_frame_tokens(config) -> int:
+    """Tokens of one LLaVA-OneVision video frame: the patch grid pooled 2x2 (``apply_pooling``)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return ((side + 1) // 2) ** 2

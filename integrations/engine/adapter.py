@@ -49,6 +49,12 @@ Encoder-side selection (SPEC 4; only where ``supports_encoder_selection(model)``
                                    its features may merge into (SPEC 4: an image, a crop, a
                                    frame; -1: no merging, e.g. LLaVA-NeXT's newline tokens).
                                    ``budget(n)`` gives the tokens kept of a span of ``n``.
+Model behaviour the engine does not model (optional)
+    ``extra_hooks(model, state)``  handles (``.remove()``) of hooks the family needs on top of the
+                                   engine's, registered after them (``prepend=True`` runs one before
+                                   them); e.g. Qwen3-VL's DeepStack, which adds features to the rows
+                                   each layer keeps (see :meth:`~.state.PioState.current_cut`).
+                                   ``uninstall`` removes them.
 """
 from __future__ import annotations
 
@@ -63,7 +69,7 @@ from .. import hf
 __all__ = ["Adapter", "BUILTIN_ADAPTERS", "adapter_for", "register_adapter"]
 
 # Modules of integrations.models that define adapters; each registers itself when imported.
-BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl")
+BUILTIN_ADAPTERS = ("llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 _ADAPTERS: list["Adapter"] = []
 
 
@@ -133,6 +139,10 @@ class Adapter:
     def encoder_select(self, model, call: dict, runs: list, image_map: torch.Tensor, budget: Callable[[int], int],
                        tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{self.name}: encoder-side selection is not implemented")
+
+    # model behaviour the engine does not model ------------------------------------------------
+    def extra_hooks(self, model, state) -> list:
+        return []
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["encoder_cut", "image_sources", "merge_dropped", "split_local_global", "window_global"]
+__all__ = ["attention_received", "encoder_cut", "image_sources", "merge_dropped", "split_local_global",
+           "window_global"]
+
+# Attention probabilities held at once by attention_received, in elements (fp32: 64 MiB).
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def _windows(grid_h: int, grid_w: int, window: tuple[int, int], device, clamp: bool) -> tuple[torch.Tensor, int]:
@@ -139,7 +143,29 @@ def window_global(local: torch.Tensor, global_: torch.Tensor, grid_h: int, grid_
     return chosen | _take_first(g_order, ~chosen.gather(1, g_order), budget - n_local)
 
 
-def merge_dropped(features: torch.Tensor, keep: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+def attention_received(q: torch.Tensor, k: torch.Tensor, chunk_elements: int = SCORE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The attention each key receives, averaged over heads and queries (SPEC 4's column means).
+
+    Args:
+        q: (B, H, N, d) queries, already scaled (the attention is ``softmax(q k^T)`` over keys).
+        k: (B, H, N, d) keys.
+        chunk_elements: probabilities held at once.
+
+    Returns:
+        (B, N) float32: column means of the attention map of each of the B sequences. The softmax
+        is taken in fp32 over query chunks, so memory is O(chunk_elements), never O(N^2).
+    """
+    batch, heads, n, _ = q.shape
+    q, k = q.float(), k.float().transpose(-1, -2)
+    out = torch.zeros(batch, n, dtype=torch.float32, device=q.device)
+    chunk = max(1, chunk_elements // (batch * heads * n))
+    for q0 in range(0, n, chunk):
+        out += (q[:, :, q0:q0 + chunk] @ k).softmax(dim=-1).sum(dim=(1, 2))
+    return out / (heads * n)
+
+
+def merge_dropped(features: torch.Tensor, keep: torch.Tensor, group: torch.Tensor,
+                  values: torch.Tensor | None = None) -> torch.Tensor:
     """Rows after merging (SPEC 4): every dropped row of a span joins its most cosine-similar kept
     row of the same span; a kept row becomes the mean of itself and the rows merged into it.
 
@@ -148,12 +174,16 @@ def merge_dropped(features: torch.Tensor, keep: torch.Tensor, group: torch.Tenso
         keep: (B, S) bool, rows kept.
         group: (B, S) int64 span id of each row that takes part (unique over the batch), -1 for
             rows that do not (text, padding, rows never merged).
+        values: (B, S, E) rows to average instead of ``features``, with the assignment the
+            similarity of ``features`` decides (e.g. Qwen3-VL's DeepStack features, merged as the
+            main features are); default ``features``.
 
-    Returns: (B, S, D) in ``features``' dtype: kept rows of a span replaced by their means
+    Returns: (B, S, E) in ``values``' dtype: kept rows of a span replaced by their means
     (computed in fp32; cosine ties go to the lower row), every other row unchanged. Spans
     are processed together, padded to the largest; one host read (the span sizes).
     """
-    batch, seq, dim = features.shape
+    values = features if values is None else values
+    batch, seq, dim = values.shape
     flat_group = group.reshape(-1)
     rows = (flat_group >= 0).nonzero().squeeze(1)
     if rows.numel() == 0:
@@ -164,9 +194,13 @@ def merge_dropped(features: torch.Tensor, keep: torch.Tensor, group: torch.Tenso
     counts = torch.bincount(gid)
     n_spans, n_max = counts.numel(), int(counts.max())
     slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[gid]
-    flat = features.reshape(-1, dim)
-    x = features.new_zeros(n_spans, n_max, dim, dtype=torch.float32)
-    x[gid, slot] = flat[rows].float()
+    x = features.new_zeros(n_spans, n_max, features.shape[-1], dtype=torch.float32)
+    x[gid, slot] = features.reshape(-1, features.shape[-1])[rows].float()
+    flat = values.reshape(-1, dim)
+    v = x
+    if values is not features:
+        v = values.new_zeros(n_spans, n_max, dim, dtype=torch.float32)
+        v[gid, slot] = flat[rows].float()
     kept = torch.zeros(n_spans, n_max, dtype=torch.bool, device=rows.device)
     kept[gid, slot] = keep.reshape(-1)[rows]
     present = torch.zeros_like(kept)
@@ -177,12 +211,12 @@ def merge_dropped(features: torch.Tensor, keep: torch.Tensor, group: torch.Tenso
     sim = sim.masked_fill(~kept[:, None, :], float("-inf"))
     target = sim.argmax(dim=2)  # first maximum: the lowest kept row on ties
     weight = dropped.float()[..., None]
-    sums = (x * kept.float()[..., None]).scatter_add(1, target[..., None].expand(-1, -1, dim), x * weight)
+    sums = (v * kept.float()[..., None]).scatter_add(1, target[..., None].expand(-1, -1, dim), v * weight)
     counts_k = kept.float().scatter_add(1, target, dropped.float())
     merged = sums / counts_k.clamp_min(1.0)[..., None]
     out = flat.clone()
     take = kept[gid, slot]
-    out[rows[take]] = merged[gid[take], slot[take]].to(features.dtype)
+    out[rows[take]] = merged[gid[take], slot[take]].to(values.dtype)
     return out.view(batch, seq, dim)
 
 
@@ -222,7 +256,9 @@ def encoder_cut(state, prefill, call: dict, hidden: torch.Tensor, runs: list):
 
     ``hidden`` (B, S, D): the language model's input, image features in place. The adapter
     chooses the rows; every dropped row is merged into the most similar kept row of its span;
-    ``rows`` (B, W, D) are the kept rows, merged, in order (samples left-padded)."""
+    ``rows`` (B, W, D) are the kept rows, merged, in order (samples left-padded). The decision
+    is recorded as ``prefill.encoder_merge`` (``keep``, ``group``), so that features the model
+    adds later to the same rows can be merged the same way (``merge_dropped(..., values=)``)."""
     from .stage import cut_rows, resolve_budget
 
     adapter, config = state.adapter, state.config
@@ -233,5 +269,7 @@ def encoder_cut(state, prefill, call: dict, hidden: torch.Tensor, runs: list):
     keep = keep & cut0.valid
     if bool((keep == cut0.valid).all()):
         return None
-    merged = merge_dropped(hidden, keep, group.masked_fill(~cut0.valid, -1))
+    group = group.masked_fill(~cut0.valid, -1)
+    prefill.encoder_merge = (keep, group)
+    merged = merge_dropped(hidden, keep, group)
     return cut_rows(state, prefill, cut0, 0, keep, merged, replaces=False)

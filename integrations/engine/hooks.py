@@ -65,6 +65,7 @@ def install(model: nn.Module, adapter: Adapter, config) -> PioState:
     if config.encoder_keep is not None:
         for key, module in adapter.encoder_probes(model).items():
             state.handles.append(module.register_forward_pre_hook(_ProbeHook(state, key), with_kwargs=True))
+    state.handles.extend(adapter.extra_hooks(model, state))
     model._pio = state
     return state
 

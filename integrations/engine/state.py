@@ -105,6 +105,7 @@ class Prefill:
     encoder_selection: torch.Tensor | None = None
     encoder_ran: bool = False                    # encoder-side selection ran (it may have kept everything)
     encoder_embeds: torch.Tensor | None = None   # (B, W0, D) the reduced, merged input of cuts[0]
+    encoder_merge: tuple | None = None           # (keep, group), (B, S0) each: what the encoder cut merged
     fingerprint: torch.Tensor | None = None      # (B, S0) a projection of the prompt, for replays
     decided: bool = False                        # a replay: stages gather the rows of an earlier prefill
     prompt_len: int | None = None                # rows of the caller's prompt when the call holds more

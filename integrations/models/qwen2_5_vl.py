@@ -23,12 +23,12 @@ from torch import nn
 
 from .. import hf
 from ..engine.adapter import Adapter, features_of, register_adapter
-from ..engine.encoder import image_sources, window_global
+from ..engine.encoder import SCORE_CHUNK_ELEMENTS, attention_received, image_sources, window_global
 
 __all__ = ["Qwen2_5_VLAdapter", "default_score_blocks", "vision_column_scores"]
 
 # Attention probabilities held at once by vision_column_scores, in elements (fp32: 64 MiB).
-_SCORE_CHUNK_ELEMENTS = 1 << 24
+_SCORE_CHUNK_ELEMENTS = SCORE_CHUNK_ELEMENTS
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -65,16 +65,9 @@ def vision_column_scores(attn: nn.Module, hidden_states: torch.Tensor, cu_seqlen
     out = torch.zeros(n, dtype=torch.float32, device=hidden_states.device)
     bounds = cu_seqlens.tolist()
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        length = stop - start
-        if length == 0:
-            continue
-        keys = k[:, start:stop]
-        chunk = max(1, _SCORE_CHUNK_ELEMENTS // (heads * length))
-        col = torch.zeros(length, dtype=torch.float32, device=out.device)
-        for q0 in range(start, stop, chunk):
-            logits = q[:, q0:min(q0 + chunk, stop)] @ keys.transpose(1, 2)  # (H, c, length)
-            col += logits.softmax(dim=-1).sum(dim=(0, 1))
-        out[start:stop] = col / (heads * length)
+        if stop > start:
+            out[start:stop] = attention_received(q[None, :, start:stop], k[None, :, start:stop],
+                                                 _SCORE_CHUNK_ELEMENTS)[0]
     return out
 
 
@@ -135,10 +128,15 @@ class Qwen2_5_VLAdapter(Adapter):
     def _merge(self, model) -> int:
         return model.config.vision_config.spatial_merge_size
 
+    def image_runs(self, call: dict, runs: list) -> list:
+        """The image-feature calls that computed image (not video) features."""
+        return runs
+
     def image_counts(self, model, call: dict, runs: list) -> list[int] | None:
         precomputed = hf.precomputed_image_features(call)
         if precomputed is not None:
             return [int(f.shape[0]) for f in features_of(precomputed)]
+        runs = self.image_runs(call, runs)
         if runs:
             return [int(f.shape[0]) for run in runs for f in features_of(run.output)]
         grid = call.get("image_grid_thw")
@@ -197,9 +195,18 @@ class Qwen2_5_VLAdapter(Adapter):
     def supports_encoder_selection(self, model) -> bool:
         return True
 
+    def score_blocks(self, visual: nn.Module) -> tuple[int, int]:
+        """(local, global) vision blocks whose attention the encoder side reads."""
+        return default_score_blocks(visual)
+
+    def tower_order(self, visual: nn.Module, grid: torch.Tensor) -> torch.Tensor | None:
+        """Merged token of the tower's output at each position of its blocks (the window order), or
+        ``None`` when the blocks run in output order."""
+        return hf.vision_window_index(visual, grid)
+
     def encoder_probes(self, model) -> dict[str, nn.Module]:
         visual = model.model.visual
-        local, global_ = default_score_blocks(visual)
+        local, global_ = self.score_blocks(visual)
         return {"local": visual.blocks[local], "global": visual.blocks[global_]}
 
     def encoder_probe(self, model, key, block, args, kwargs) -> torch.Tensor:
@@ -214,14 +221,17 @@ class Qwen2_5_VLAdapter(Adapter):
         merge = visual.spatial_merge_size
         device = image_map.device
         frames = []  # per run image: list of (local scores, global scores, h, w) per frame
-        for run in runs:
+        for run in self.image_runs(call, runs):
             if "local" not in run.maps:
                 raise ValueError("encoder_keep needs the image features computed by this pio-enabled model "
                                  "(pixel_values in this call, or generate's own encoding)")
             grid = run.kwargs.get("image_grid_thw")
-            reverse = torch.argsort(hf.vision_window_index(visual, grid).to(run.maps["local"].device))
-            local = run.maps["local"].view(-1, merge ** 2).mean(1)[reverse]
-            global_ = run.maps["global"].view(-1, merge ** 2).mean(1)[reverse]
+            local = run.maps["local"].view(-1, merge ** 2).mean(1)
+            global_ = run.maps["global"].view(-1, merge ** 2).mean(1)
+            order = self.tower_order(visual, grid)
+            if order is not None:
+                reverse = torch.argsort(order.to(local.device))
+                local, global_ = local[reverse], global_[reverse]
             start = 0
             for t, h, w in grid.tolist():
                 h, w = h // merge, w // merge
