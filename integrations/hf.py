@@ -256,12 +256,24 @@ def llava_next_crops(config, image_sizes) -> list[int]:
                                           patch_size=config.vision_config.image_size)) for size in image_sizes]
 
 
-def vision_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
-    """Qwen2.5-VL's permutation of the merged vision tokens into window order (the tower's own helper)."""
+@functools.lru_cache(maxsize=256)
+def _window_index_of(grid: tuple[int, int, int], merge: int, window: int, patch: int) -> torch.Tensor:
     from transformers.vision_utils import get_vision_window_index
-    index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                       window_size=visual.window_size, patch_size=visual.patch_size)
+    index, _ = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=merge, window_size=window,
+                                       patch_size=patch)
     return index
+
+
+def vision_window_index(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's permutation of the merged vision tokens into window order (the tower's own
+    helper), built once per distinct grid: one read of ``grid_thw``, whatever the number of images."""
+    index, offset = [], 0
+    for grid in grid_thw.tolist():
+        one = _window_index_of(tuple(int(g) for g in grid), visual.spatial_merge_size, visual.window_size,
+                               visual.patch_size)
+        index.append(one + offset)
+        offset += one.numel()
+    return torch.cat(index)
 
 
 def rotary(language_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
