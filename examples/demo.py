@@ -82,7 +82,12 @@ def _unnormalise(pixel_values: torch.Tensor, mean, std):
 def tiny_llava(image_path: str, device: torch.device, seed: int = 0) -> Prepared:
     """A tiny LLaVA from a config, random weights, with the real 24x24 CLIP patch grid."""
     from PIL import Image
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+    import transformers
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    try:  # the PIL processor where transformers has it (no torchvision needed, no fallback warning)
+        CLIPImageProcessor = transformers.CLIPImageProcessorPil
+    except (AttributeError, ImportError, ModuleNotFoundError):
+        CLIPImageProcessor = transformers.CLIPImageProcessor
 
     vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64)
@@ -158,10 +163,10 @@ def run_schedule(prep: Prepared, name: str, schedule: dict, device: torch.device
                 ms, kv = prefill(model, prep.inputs, device)
             stages = [s[0].tolist() for s in last_selection(model)]
             encoder = last_selection(model, encoder=True) if schedule["encoder_keep"] is not None else None
-            answer = None
-            if new_tokens and prep.tokenizer is not None:
-                out = model.generate(**prep.inputs, max_new_tokens=new_tokens, do_sample=False)
-                answer = prep.tokenizer.decode(out[0, prep.inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            answer = decoding = None
+            if new_tokens:
+                decoding = cached_generation(model, prep, new_tokens, device)
+                answer = decoding.pop("answer")
     finally:
         remove_pio(model)
     timings = list((timer.stages_ms() or [[]])[0])
@@ -170,7 +175,26 @@ def run_schedule(prep: Prepared, name: str, schedule: dict, device: torch.device
         panels.append(("encoder", encoder[0].tolist()))
     panels += [(f"layer {layer}", kept) for layer, kept in zip(schedule["layers"], stages)]
     return {"name": name, "schedule": schedule, "prefill_ms": ms, "kv_mb": kv, "panels": panels,
-            "stage_ms": timings, "answer": answer}
+            "stage_ms": timings, "answer": answer, "decoding": decoding}
+
+
+def cached_generation(model, prep: Prepared, new_tokens: int, device: torch.device) -> dict:
+    """Greedy decoding through the KV cache the prefill left (the layers after a stage cache fewer
+    rows), and the same tokens recomputed from scratch at every step (``use_cache=False``: the
+    prompt's selection is reused): cached decoding is the reduced model, step by step."""
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=model.generation_config.pad_token_id or 0)
+    start = time.perf_counter()
+    cached = model.generate(**prep.inputs, **options)
+    _sync(device)
+    ms = (time.perf_counter() - start) * 1e3
+    recomputed = model.generate(**prep.inputs, **options, use_cache=False)
+    new = cached[0, prep.inputs["input_ids"].shape[1]:]
+    if prep.tokenizer is not None:
+        answer = repr(prep.tokenizer.decode(new, skip_special_tokens=True))
+    else:
+        answer = f"token ids {new.tolist()}"
+    return {"answer": answer, "ms": ms, "same_uncached": bool(torch.equal(cached, recomputed)), "tokens": new_tokens}
 
 
 def draw(prep: Prepared, image_start: int, results: list[dict], out_path: str, title: str) -> str:
@@ -226,10 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--schedules", nargs="+", default=["w/ VE", "w/o VE"], choices=list(PUBLISHED))
     parser.add_argument("--prompt", default="USER: <image>\nWhat is shown in this image? ASSISTANT:",
                         help="prompt for --model (with the processor's image placeholder)")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length with --model (0: none)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated through the cache per schedule "
+                        "(default 24 with --model, 6 for the tiny model; 0: none)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of torch (default: 1 for the tiny model, whose ops are too small to share)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 24 if args.model else 6
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" and not args.model else None)
     if threads:
@@ -258,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         stock_tower_ms = (timer.tower_ms() or [0.0])[0]
         stock_answer = None
         if args.model and args.max_new_tokens:
-            out = model.generate(**prep.inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            out = model.generate(**prep.inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=model.generation_config.pad_token_id or 0)
             stock_answer = prep.tokenizer.decode(out[0, ids.numel():], skip_special_tokens=True)
     print(f"stock: prefill {stock_ms:.1f} ms (vision tower {stock_tower_ms:.1f} ms), KV cache {stock_kv:.2f} MiB")
     if stock_answer is not None:
@@ -268,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.schedules:
         schedule = scaled_schedule(name, num_layers, visual)
         try:
-            result = run_schedule(prep, name, schedule, device, args.max_new_tokens if args.model else 0)
+            result = run_schedule(prep, name, schedule, device, args.max_new_tokens)
         except (ValueError, NotImplementedError) as exc:
             print(f"{name}: not available here ({type(exc).__name__}: {exc})")
             continue
@@ -286,8 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  selection {sum(result['stage_ms']):.2f} ms in all; prefill {result['prefill_ms']:.1f} ms "
               f"(stock {stock_ms:.1f}); KV cache {result['kv_mb']:.2f} MiB, {saved:.2f} MiB saved "
               f"({stock_kv / result['kv_mb']:.1f}x smaller)")
-        if result["answer"] is not None:
-            print(f"  answer: {result['answer']!r}")
+        if result["decoding"] is not None:
+            d = result["decoding"]
+            check = "the same" if d["same_uncached"] else "DIFFERENT"
+            print(f"  generated {d['tokens']} tokens through the cache in {d['ms']:.1f} ms: {result['answer']}; "
+                  f"recomputed without the cache: {check}")
     if not results:
         raise SystemExit("no schedule could be applied")
     title = (f"{prep.describe}: kept patches per stage (yellow), tau 0.8\n"

@@ -121,12 +121,18 @@ class PioConfig:
         object.__setattr__(self, "seed", int(self.seed))
 
 
-# The published schedules (SPEC section 1), by name; budgets are per image.
+# Schedules by name (SPEC section 1; budgets are per image): the published ones first, then ours.
+# Their retention by the SPEC accounting: pio_kernels.eval.schedules (``pio-eval presets``).
 PRESETS: dict[str, PioConfig] = {
     "llava-1.5-ve": PioConfig(layers=[16], keep=[32], encoder_keep=96),
     "llava-1.5": PioConfig(layers=[1, 10, 15], keep=[92, 54, 22]),
     "llava-1.5-128": PioConfig(layers=[1, 10, 15], keep=[218, 128, 54]),
     "qwen2.5-vl-ve": PioConfig(layers=[14], keep=[0.333], encoder_keep=0.167),
+    # Ours, not published: LLaVA-1.5's relative budgets (92/576, 54/92, 22/54) at layers 1, 8, 12 of
+    # 28 (11.1% of a 1296-token image), and LLaVA-1.5's schedules per LLaVA-NeXT crop or image.
+    "qwen2.5-vl": PioConfig(layers=[1, 8, 12], keep=[0.16, 0.59, 0.41]),
+    "llava-next-ve": PioConfig(layers=[16], keep=[0.34], encoder_keep=0.167),
+    "llava-next": PioConfig(layers=[1, 10, 15], keep=[0.16, 0.59, 0.41]),
     # Defaults, not tuned results: the published ratios (the encoder keeps 16.7%, the middle
     # decoder layer keeps 33.3% of those: 11.1% on average) at each model's depth.
     "qwen2-vl-ve": PioConfig(layers=[14], keep=[0.333], encoder_keep=0.167),             # 2B, 7B: 28 layers

@@ -475,3 +475,20 @@ def test_small_api_contracts():
     d, m = 64, 96
     assert stats.visual_flops[1] == pytest.approx(sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m
                                                       for n in (16, 16, 4, 4)))
+
+
+def test_compiled_generate_with_a_static_cache_equals_eager():
+    """generate compiles the decoding forward for a static cache (on GPUs by default; asked for
+    here on CPU, with the eager backend to keep it short): the hooks trace, the tokens stand."""
+    from transformers import CompileConfig
+    family = FAMILIES["llava"]
+    model = _model(family)
+    inputs = family.inputs("single")
+    apply_pio(model, family.pruned)
+    options = dict(max_new_tokens=STEPS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                   cache_implementation="static", suppress_tokens=_special_tokens(model))
+    want = model.generate(**inputs, **options)
+    compile_config = CompileConfig(backend="eager", fullgraph=False, dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
+    got = model.generate(**inputs, **options, compile_config=compile_config)
+    assert torch.equal(got, want)

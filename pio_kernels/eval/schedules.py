@@ -1,7 +1,7 @@
 """Schedules by name, the text syntax of schedule fields, and PioConfig construction.
 
-Presets: the published schedules of :data:`pio_kernels.integrations.PRESETS` (SPEC section 1),
-plus the ones this package adds for the evaluation (``EVAL_PRESETS``). Retention by
+Presets: the schedules of :data:`pio_kernels.integrations.PRESETS` (SPEC section 1: the published
+ones, then this library's). Retention by
 :mod:`.accounting` (average over decoder layers; fractions keep ``floor(keep * n)``):
 
 =====================  ======================================================  ==========================
@@ -34,25 +34,15 @@ import dataclasses
 import re
 from typing import Any
 
-__all__ = ["EVAL_PRESETS", "describe", "make_config", "parse_list", "parse_value", "preset", "presets",
+__all__ = ["describe", "make_config", "parse_list", "parse_value", "preset", "presets",
            "schedule_fields"]
 
-# Schedules this package adds to pio_kernels.integrations.PRESETS (see the module docstring).
-EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    "qwen2.5-vl": dict(layers=(1, 8, 12), keep=(0.16, 0.59, 0.41)),
-    "llava-next-ve": dict(layers=(16,), keep=(0.34,), encoder_keep=0.167),
-    "llava-next": dict(layers=(1, 10, 15), keep=(0.16, 0.59, 0.41)),
-}
-
-
-def _published() -> dict[str, dict[str, Any]]:
-    from pio_kernels.integrations import PRESETS as published
-    return {name: dict(layers=c.layers, keep=c.keep, encoder_keep=c.encoder_keep) for name, c in published.items()}
-
-
 def presets() -> dict[str, dict[str, Any] | None]:
-    """Every preset by name: its schedule fields (``None`` for ``stock``)."""
-    return {**_published(), **EVAL_PRESETS, "stock": None}
+    """Every preset by name (``pio_kernels.integrations.PRESETS``): its schedule fields, and
+    ``stock`` (``None``) for the unpruned model."""
+    from pio_kernels.integrations import PRESETS
+    named = {name: dict(layers=c.layers, keep=c.keep, encoder_keep=c.encoder_keep) for name, c in PRESETS.items()}
+    return {**named, "stock": None}
 
 
 # Fields of PioConfig a user may set: the schedule, then the method (scoring rule, selection, seed).
