@@ -88,6 +88,9 @@ def reduced_reference(model, ids: torch.Tensor, n_prompt: int, pixels: torch.Ten
     feats = torch.cat(list(feats)).to(embeds.dtype)
     is_image = (ids == IMAGE) & (torch.arange(ids.numel(), device=ids.device) < n_prompt)
     embeds = embeds.masked_scatter(is_image[:, None], feats)
+    newline = getattr(mm, "image_newline", None)
+    if newline is not None:  # LLaVA-NeXT's newline tokens are layout, never dropped (not visual tokens)
+        is_image &= ~(embeds[0] == newline.to(embeds.dtype)).all(-1)
     return lm_reference(model, embeds, torch.arange(ids.numel(), device=ids.device), is_image, layers, kept)
 
 
@@ -333,6 +336,15 @@ def _llava_next(layers: int = 4, attn: str = "sdpa", seed: int = 0):
 NEXT_SIZES = torch.tensor([[28, 56], [50, 30], [56, 56]])  # 52, 56 and 88 tokens
 
 
+def _next_newlines(model, sizes: torch.Tensor) -> list[int]:
+    """Newline tokens of each image of ``sizes`` after packing (crops of 16 patches)."""
+    crops = hf.llava_next_crops(model.config, sizes)
+    index = torch.arange(sum(crops) * 16, dtype=torch.float64).view(sum(crops), 16, 1)
+    packed, _ = model.model.pack_image_features(torch.split(index, crops), sizes, "default",
+                                                image_newline=torch.tensor([-1.0], dtype=torch.float64))
+    return [int((p[:, 0] < 0).sum()) for p in packed]
+
+
 def _next_inputs(model, images: list[int], seed: int = 5):
     """Pixel values (n, 5, 3, 28, 28), image sizes and per-image token counts for NEXT_SIZES[images]."""
     g = torch.Generator().manual_seed(seed)
@@ -355,6 +367,7 @@ def test_llava_next_varying_counts_fraction_budgets_and_padded_batch():
     px0, sz0, c0 = _next_inputs(model, [0])
     px1, sz1, c1 = _next_inputs(model, [1, 2], seed=6)
     assert c0 + c1 == [52, 56, 88]
+    visual = [c - n for c, n in zip(c0 + c1, _next_newlines(model, torch.cat([sz0, sz1])))]
     rows = [_next_prompt(c0), _next_prompt(c1, before=(1, 2, 3))]
     ids, mask = _pad(rows, "left")
     apply_pio(model, PioConfig(layers=[2], keep=[0.25]))
@@ -362,7 +375,8 @@ def test_llava_next_varying_counts_fraction_budgets_and_padded_batch():
         batch = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                       pixel_values=torch.cat([px0, px1]), image_sizes=torch.cat([sz0, sz1])).logits
         sel = last_selection(model)[0]
-        assert ((sel >= 0).sum(1)).tolist() == [13, 14 + 22]
+        # a quarter of each image's visual tokens (newline tokens are layout: kept, not counted)
+        assert ((sel >= 0).sum(1)).tolist() == [visual[0] // 4, visual[1] // 4 + visual[2] // 4]
         for b, (r, px, sz) in enumerate(zip(rows, (px0, px1), (sz0, sz1))):
             alone = model(input_ids=torch.tensor([r]), pixel_values=px, image_sizes=sz).logits[0]
             offset = ids.shape[1] - len(r)
@@ -590,15 +604,18 @@ def test_llava_next_encoder_selection_per_crop():
     assert torch.equal(full, stock)
     enc = last_selection(model, encoder=True)[0]
     starts = [2, 2 + counts[0] + 2]
+    newlines = 0
     for i, (start, src) in enumerate(zip(starts, packed)):
         src = src[:, 0].long()
         kept = enc[(enc >= start) & (enc < start + counts[i])] - start
-        assert src[kept].lt(0).sum() == src.lt(0).sum()  # every newline token stays
+        assert not src[kept].lt(0).any()  # newline tokens are not visual tokens: never in a selection
+        newlines += int(src.lt(0).sum())
         for crop in range(5 * i, 5 * i + 5):
             in_crop = (src >= 0) & (src // 16 == crop)
             n = int(in_crop.sum())
-            assert int(in_crop[kept].sum()) == max(1, int(0.5 * n + 0.5)), (crop, n)
-    assert seen[0].shape[1] == ids.shape[1] - (counts[0] + counts[1] - enc.numel())
+            assert int(in_crop[kept].sum()) == max(1, int(0.5 * n)), (crop, n)
+    # the language model gets the kept visual tokens, every newline token and the text
+    assert seen[0].shape[1] == ids.shape[1] - (counts[0] + counts[1] - newlines - enc.numel())
     assert [k.shape[1] for k in last_selection(model)] == [20]
 
 

@@ -4,7 +4,8 @@ Where the images are: runs of ``config.image_token_id`` in ``input_ids`` (or, wi
 ``inputs_embeds``, rows equal to that token's embedding, as the model itself finds them), cut
 into images by the per-image token counts of the image features (LLaVA-NeXT's anyres packing
 gives every image its own count, newline tokens included).
-Positions: 1-D, renumbered after each stage; decoding positions shifted by the tokens dropped
+LLaVA-NeXT's newline tokens (rows equal to ``image_newline``) mark the layout: no stage drops
+them, and they do not count as visual tokens. Positions: 1-D, renumbered after each stage; decoding positions shifted by the tokens dropped
 so far (SPEC section 5, as the released LLaVA code): the engine's defaults.
 
 Encoder-side selection (CLIP towers with a CLS token; SPEC section 4): the CLS row of the
@@ -55,6 +56,16 @@ def _counts(call: dict, runs: list) -> list[int] | None:
     return None
 
 
+def newline_rows(model, embeds: torch.Tensor | None, placeholders: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: placeholder rows whose features are the model's newline token (LLaVA-NeXT,
+    LLaVA-OneVision). They mark the 2-D layout: stages never drop them, and they do not count as
+    visual tokens. ``embeds``: the language model's input, features in place."""
+    newline = getattr(model.model, "image_newline", None)
+    if embeds is None or newline is None:
+        return torch.zeros_like(placeholders)
+    return placeholders & (embeds == newline.to(embeds.device, embeds.dtype)).all(-1).to(placeholders.device)
+
+
 def image_ids(is_image: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
     """(B, S) image id of every placeholder row, -1 elsewhere: images fill the placeholders in
     row-major order with ``counts`` tokens each; without counts (or when they do not add up),
@@ -86,7 +97,8 @@ class LlavaAdapter(Adapter):
         is_image = _placeholders(model, call)
         if is_image is None:
             return None
-        return image_ids(is_image, _counts(call, runs))
+        newline = newline_rows(model, (lm_kwargs or {}).get("inputs_embeds"), is_image)
+        return image_ids(is_image, _counts(call, runs)).masked_fill(newline, -1)
 
     # encoder-side selection --------------------------------------------------------------
     def supports_encoder_selection(self, model) -> bool:
@@ -134,6 +146,7 @@ class LlavaAdapter(Adapter):
             raise ValueError("encoder_keep needs pixel_values (or generate's encoded images) with the prompt's images")
         source_of = image_sources(image_map, len(sources))
         src = torch.cat([sources[j] for j in source_of]).to(device)
+        src = src[src >= 0]  # newline tokens are not in the image map: never dropped, never merged
         if src.numel() != rows.numel():
             raise ValueError(f"the prompt holds {rows.numel()} image tokens; the image features have {src.numel()}")
         patches = self._patches(config)

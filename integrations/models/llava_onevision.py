@@ -37,7 +37,7 @@ from torch import nn
 from .. import hf
 from ..engine.adapter import register_adapter
 from ..engine.encoder import attention_received, image_sources, split_local_global
-from .llava import LlavaAdapter, _counts, _placeholders, image_ids
+from .llava import LlavaAdapter, _counts, _placeholders, image_ids, newline_rows
 
 __all__ = ["LlavaOnevisionAdapter", "received_attention"]
 
@@ -68,14 +68,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         from transformers import LlavaOnevisionForConditionalGeneration
         return (LlavaOnevisionForConditionalGeneration,)
 
-    @staticmethod
-    def _newlines(model, embeds: torch.Tensor | None, placeholders: torch.Tensor) -> torch.Tensor:
-        """(B, S) bool: placeholder rows whose features are the model's newline token."""
-        if embeds is None:
-            return torch.zeros_like(placeholders)
-        newline = model.model.image_newline.to(embeds.device, embeds.dtype)
-        return placeholders & (embeds == newline).all(-1).to(placeholders.device)
-
     def image_map(self, model, call: dict, runs: list, lm_kwargs: dict | None = None) -> torch.Tensor | None:
         """One id per image, then one per video frame, in row-major order; -1 for text, padding and
         newline tokens."""
@@ -84,7 +76,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             return None
         input_ids = call.get("input_ids")
         is_video = torch.zeros_like(is_image) if input_ids is None else input_ids == model.config.video_token_id
-        newline = self._newlines(model, (lm_kwargs or {}).get("inputs_embeds"), is_image | is_video)
+        newline = newline_rows(model, (lm_kwargs or {}).get("inputs_embeds"), is_image | is_video)
         out = image_ids(is_image, _counts(call, runs))
         frames = is_video & ~newline
         if bool(frames.any()):
