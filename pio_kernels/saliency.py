@@ -14,7 +14,8 @@ forward (``p`` = the K loss rows, ``j`` = every position)
     F5  ``H1_p = H_p + A_p``, post-attention norm, SwiGLU MLP, ``Y_p = H1_p + MLP``
     F6  ``Z_p = lm_head(final_norm(Y_p))`` (K x V, fp32), pseudo-label ``argmax Z_p``
 backward (fp32 throughout; weights stay in their dtype, matmuls accumulate in fp32)
-    B1  ``dZ = (softmax(Z) - onehot) / K`` and ``dF = dZ W_head``; final-norm backward -> ``dY``
+    B1  ``dZ = w_p (softmax(Z) - onehot)`` with ``w_p`` = 1 / (the sample's loss rows), 0 in a
+        slot without a loss row; ``dF = dZ W_head``; final-norm backward -> ``dY``
     B2  MLP and post-attention-norm backward -> ``dH1_p`` (also the residual part of ``dH_p``)
     B3  ``dO = dH1 W_o``; ``u = dO W_v`` (one D-vector per head and loss row)
     B4  ``dS = P * (u Xn^T - rowsum)`` (the value bias and ``b_v`` cancel in the softmax)
@@ -271,7 +272,8 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
 
-    rows = reference.loss_positions(attention_mask, batch, seq_len, num_positions, device=device)  # (B, K)
+    # (B, K) loss rows and which slots hold one; empty slots point at row S - 1 (SPEC 2.3).
+    rows, valid = reference.loss_positions(attention_mask, batch, seq_len, num_positions, device=device)
     cos, sin = _rotary_tables(position_embeddings, batch, seq_len, head_dim)  # (B, S, hd) fp32
     gather_rows = rows[..., None]
 
@@ -297,6 +299,8 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     allowed = key_pos[None, None, :] <= rows[..., None]  # (B, K, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
+    # Each row also sees itself, so that an empty slot's softmax stays finite.
+    allowed = allowed | (key_pos[None, None, :] == rows[..., None])
     logits_att = attn.scaling * torch.einsum("bgrpd,bgsd->bgrps", q_rot, k_rot)
     logits_att = logits_att.masked_fill(~allowed[:, None, None], float("-inf"))
     prob = torch.softmax(logits_att, dim=-1)  # (B, G, r, K, S) fp32
@@ -322,7 +326,8 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     # F6 + B1: final norm, head, CE against the argmax pseudo-label, gradient back to Y.
     rstd_final = _rms_scale(y, final_norm.variance_epsilon)
     normed = (final_norm.weight.float() * (y * rstd_final)).reshape(batch * k_rows, hidden)
-    row_scale = torch.full((batch * k_rows,), 1.0 / k_rows, dtype=torch.float32, device=device)
+    # Each sample's loss is the mean over its own loss rows; an empty slot weighs 0.
+    row_scale = (valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)).reshape(batch * k_rows)
     if use_triton:
         from pio_kernels.triton.head_loss import head_loss_grad
         grad_normed = head_loss_grad(normed, lm_head.weight, lm_head.bias, row_scale)
