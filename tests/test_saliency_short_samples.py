@@ -11,6 +11,7 @@ import torch
 
 from layer_factory import FAMILIES, MROPE_FAMILIES, make_stage, mrope_positions, padded_batch, positions_from_mask
 from pio_kernels import proxy_saliency, reference
+from pio_kernels.saliency import supports_fast_path
 
 LENGTHS = [13, 5, 2, 1, 0, 4, 9]  # K = 4: a sample of K + 1, of K, of 2, 1 and 0 tokens, long ones
 
@@ -33,6 +34,7 @@ def _rel_err(x, truth):
 
 def _both(stage, hidden, pe, mask, num_positions):
     args = (stage.layer, stage.final_norm, stage.lm_head, hidden, pe)
+    assert supports_fast_path(stage.layer, stage.final_norm, stage.lm_head)  # no silent fallback
     return (reference.proxy_saliency(*args, attention_mask=mask, num_positions=num_positions),
             proxy_saliency(*args, attention_mask=mask, num_positions=num_positions))
 
