@@ -246,8 +246,8 @@ def test_cuda_triton_and_torch_paths_match_reference(family, dtype):
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])
-def test_torch_head_one_pass_matches_full_softmax(monkeypatch, chunk):
-    """The online-softmax head (one read of the head) against the direct formula, ties included."""
+def test_torch_head_in_slices_matches_full_softmax(monkeypatch, chunk):
+    """The torch head, whole or in slices of the vocabulary, against the direct formula, ties included."""
     import pio_kernels.saliency as sal
     monkeypatch.setattr(sal, "_head_chunk_rows", lambda weight: chunk)
     gen = torch.Generator().manual_seed(12)
