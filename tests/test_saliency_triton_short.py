@@ -23,20 +23,19 @@ _CASE = textwrap.dedent("""
     from layer_factory import MROPE_FAMILIES, make_stage, mrope_positions, padded_batch, positions_from_mask
     from pio_kernels import proxy_saliency, reference
 
-    for family in ("llama", "qwen3", "qwen3_vl"):
-        for side in ("left", "right"):
-            stage = make_stage(family, hidden=32, heads=2, mlp=40, vocab=70, seed=51)
-            mask = padded_batch([9, 4, 2, 1, 0], 9, side)
-            hidden = torch.randn(5, 9, 32, generator=torch.Generator().manual_seed(51))
-            pos = mrope_positions(mask, (1, 5)) if family in MROPE_FAMILIES else positions_from_mask(mask)
-            pe = stage.rope(hidden, pos)
-            args = (stage.layer, stage.final_norm, stage.lm_head, hidden, pe)
-            want = reference.proxy_saliency(*args, attention_mask=mask, num_positions=4)
-            got = proxy_saliency(*args, attention_mask=mask, num_positions=4, backend="triton")
-            err = ((got - want).abs().max() / want.max()).item()
-            assert torch.isfinite(got).all() and err <= 1e-4, (family, side, err)
-            assert (got[2:5, :] == 0).sum() >= 9 * 3 - 1, (family, side)
-            print("ok", family, side, err)
+    for family, side in (("llama", "left"), ("qwen3", "right"), ("qwen3_vl", "left")):
+        stage = make_stage(family, hidden=32, heads=2, mlp=40, vocab=70, seed=51)
+        mask = padded_batch([9, 4, 2, 1, 0], 9, side)
+        hidden = torch.randn(5, 9, 32, generator=torch.Generator().manual_seed(51))
+        pos = mrope_positions(mask, (1, 5)) if family in MROPE_FAMILIES else positions_from_mask(mask)
+        pe = stage.rope(hidden, pos)
+        args = (stage.layer, stage.final_norm, stage.lm_head, hidden, pe)
+        want = reference.proxy_saliency(*args, attention_mask=mask, num_positions=4)
+        got = proxy_saliency(*args, attention_mask=mask, num_positions=4, backend="triton")
+        err = ((got - want).abs().max() / want.max()).item()
+        assert torch.isfinite(got).all() and err <= 1e-4, (family, side, err)
+        assert (got[2:5, :] == 0).sum() >= 9 * 3 - 1, (family, side)
+        print("ok", family, side, err)
 """)
 
 
@@ -46,4 +45,4 @@ def test_triton_backend_short_samples_under_interpreter():
                           capture_output=True, text=True, timeout=600)
     tail = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, tail
-    assert done.stdout.count("ok ") == 6, tail
+    assert done.stdout.count("ok ") == 3, tail
