@@ -5,6 +5,8 @@ One stage = one ``proxy_saliency`` call on one decoder layer with random weights
     llava15    LLaVA-1.5-7B layer: D 4096, 32 heads (MHA), MLP 11008, V 32000, S 640, 576 visual
     llava_next LLaVA-NeXT-7B:      same layer, S 2950, 2880 visual
     qwen25vl   Qwen2.5-VL-7B:      D 3584, 28/4 heads (GQA), MLP 18944, V 152064, S 1350, 1296 visual (M-RoPE)
+    qwen3vl8b  Qwen3-VL-8B:        D 4096, 32/8 heads (GQA), head_dim 128, q/k norms, MLP 12288, V 151936,
+                                   S 1360, 1296 visual (interleaved M-RoPE)
 
 For each shape: the reference and the fast path timed in the same run (median of
 ``--repeat``), their ratio, and the max relative error of the fast scores on the visual
@@ -12,7 +14,11 @@ tokens (``max |fast - ref| / max ref``). On CUDA the fast path is also timed wit
 fallback (``backend="torch"``), and the two Triton kernels against their fallbacks with the
 bandwidth they reach. ``--quick`` runs a small shape only (CI smoke test).
 
-    python benchmarks/saliency.py --device cpu --shapes llava15,qwen25vl
+Results go to ``benchmarks/results/saliency-<device>[-<tag>].json``; the tag defaults to the
+names of the shapes when ``--shapes`` is given (so a partial run never overwrites the full one).
+
+    python benchmarks/saliency.py --device cpu                       # llava15, qwen25vl: saliency-cpu.json
+    python benchmarks/saliency.py --device cpu --threads 2 --shapes qwen3vl8b   # saliency-cpu-qwen3vl8b.json
     python benchmarks/saliency.py --device cuda            # bf16, every shape
 """
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pio_kernels import proxy_saliency, reference  # noqa: E402
 @dataclass(frozen=True)
 class Shape:
     name: str
-    family: str  # "llama" or "qwen2_5_vl"
+    family: str  # "llama", "qwen2_5_vl" or "qwen3_vl"
     hidden: int
     heads: int
     kv_heads: int
@@ -45,12 +51,14 @@ class Shape:
     visual: int
     visual_start: int
     grid_w: int  # width of the visual grid (M-RoPE positions)
+    head_dim: int | None = None  # None: hidden // heads
 
 
 SHAPES = {
     "llava15": Shape("llava15", "llama", 4096, 32, 32, 11008, 32000, 640, 576, 35, 24),
     "llava_next": Shape("llava_next", "llama", 4096, 32, 32, 11008, 32000, 2950, 2880, 35, 48),
     "qwen25vl": Shape("qwen25vl", "qwen2_5_vl", 3584, 28, 4, 18944, 152064, 1350, 1296, 15, 36),
+    "qwen3vl8b": Shape("qwen3vl8b", "qwen3_vl", 4096, 32, 8, 12288, 151936, 1360, 1296, 15, 36, head_dim=128),
 }
 QUICK = Shape("quick", "qwen2_5_vl", 256, 4, 2, 512, 1000, 80, 64, 6, 8)
 
@@ -71,7 +79,7 @@ def build_stage(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         cfg._attn_implementation = "sdpa"
         layer, norm, rotary = m.LlamaDecoderLayer(cfg, 0), m.LlamaRMSNorm(shape.hidden, 1e-6), m.LlamaRotaryEmbedding(cfg)
         position_ids = text_pos[None]
-    else:
+    elif shape.family == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
         half = shape.hidden // shape.heads // 2
@@ -81,6 +89,17 @@ def build_stage(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         cfg._attn_implementation = "sdpa"
         layer, norm, rotary = m.Qwen2_5_VLDecoderLayer(cfg, 0), m.Qwen2_5_VLRMSNorm(shape.hidden, 1e-6), \
             m.Qwen2_5_VLRotaryEmbedding(cfg)
+    else:  # Qwen3-VL text layer: per-head q/k RMSNorms, interleaved M-RoPE (the 8B model's sections)
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+        head_dim = shape.head_dim or shape.hidden // shape.heads
+        section = [24, 20, 20] if head_dim == 128 else [head_dim // 2 - 2 * (head_dim // 6)] + [head_dim // 6] * 2
+        cfg = Qwen3VLTextConfig(**common, head_dim=head_dim, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": section, "mrope_interleaved": True})
+        cfg._attn_implementation = "sdpa"
+        layer, norm, rotary = m.Qwen3VLTextDecoderLayer(cfg, 0), m.Qwen3VLTextRMSNorm(shape.hidden, 1e-6), \
+            m.Qwen3VLTextRotaryEmbedding(cfg)
+    if shape.family != "llama":
         # M-RoPE: text tokens share (t, h, w); the image is a grid after its first position,
         # and the text after it continues from the grid's largest index.
         pos = torch.arange(s)[None].repeat(3, 1)
@@ -196,6 +215,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tag", default=None,
+                        help="suffix of the JSON file name (default: the --shapes names, or none)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     ns = parser.parse_args()
     shapes = ns.shapes.split(",") if ns.shapes else None
@@ -210,7 +231,8 @@ def main() -> None:
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     harness.print_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
     if not ns.no_write:
-        path = harness.write_results("saliency", ns.device, rows, tag="quick" if ns.quick else "",
+        tag = ns.tag if ns.tag is not None else "quick" if ns.quick else "-".join(shapes or [])
+        path = harness.write_results("saliency", ns.device, rows, tag=tag,
                                      extra={"threads": torch.get_num_threads(),
                                             "load_avg_1m": [load_before, load_after]})
         print(f"wrote {path}")

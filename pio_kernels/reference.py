@@ -19,34 +19,51 @@ __all__ = ["loss_positions", "proxy_saliency", "saliency_order", "select_tokens"
 
 
 def loss_positions(attention_mask: torch.Tensor | None, batch: int, seq_len: int, num_positions: int,
-                   device: torch.device | None = None) -> torch.Tensor:
-    """Rows that carry the proxy loss (SPEC 2.3), as a LongTensor (B, K).
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that carry the proxy loss (SPEC 2.3): ``(rows, valid)``, each (B, K).
 
-    For every sample, the ``num_positions`` valid positions immediately before its last
-    valid token, ascending. Padding may sit on either side (or anywhere).
+    A sample with ``n`` valid tokens has ``min(K, n - 1)`` loss rows: the valid positions
+    immediately before its last valid token. A sample with ``n <= 1`` has none. Padding may
+    sit on either side (or anywhere).
+
+    Layout: slot ``k`` of a sample holds the valid position ``K - k`` places before its last
+    valid token, so the loss rows are right-aligned and ascending, and a short sample's
+    missing slots come first. ``valid`` (bool) marks the slots that hold a loss row; every
+    other slot holds ``seq_len - 1``, a row that is never a loss row (a loss row has a valid
+    token after it), so it is harmless to gather and distinct from the real rows.
+
+    Args:
+        attention_mask: (B, S), nonzero for real tokens, any device; ``None``: all real.
+        batch, seq_len: B and S (used when ``attention_mask`` is ``None``).
+        num_positions: K >= 1.
+        device: where to build the result when ``attention_mask`` is ``None``.
+
+    Returns:
+        ``rows`` (B, K) int64 and ``valid`` (B, K) bool, on the mask's device (or ``device``).
+        Built with tensor ops only: no host synchronisation, whatever the mask holds.
 
     Raises:
-        ValueError: when a sample has fewer than ``num_positions + 1`` valid tokens.
+        ValueError: when ``num_positions`` is not an int >= 1 (an argument check).
     """
-    if num_positions < 1:
-        raise ValueError(f"num_positions must be >= 1, got {num_positions}")
+    if isinstance(num_positions, bool) or not isinstance(num_positions, int) or num_positions < 1:
+        raise ValueError(f"num_positions must be an int >= 1, got {num_positions!r}")
+    if attention_mask is not None:
+        device = attention_mask.device
+    rank = torch.arange(num_positions, 0, -1, device=device)  # slot k -> K - k places before the last
     if attention_mask is None:
-        if seq_len < num_positions + 1:
-            raise ValueError(f"num_positions={num_positions} needs at least {num_positions + 1} tokens, "
-                             f"got a sequence of {seq_len}")
-        row = torch.arange(seq_len - 1 - num_positions, seq_len - 1, device=device)
-        return row.expand(batch, num_positions).clone()
-    valid = attention_mask.bool()
-    counts = valid.sum(dim=1)
-    if bool((counts < num_positions + 1).any()):
-        short = int(counts.argmin())
-        raise ValueError(f"num_positions={num_positions} needs at least {num_positions + 1} valid tokens "
-                         f"per sample; sample {short} has {int(counts[short])}")
-    # Rank of each valid position from the end (last valid token -> 0), -1 for padding.
-    rank_from_end = counts[:, None] - valid.long().cumsum(dim=1)
-    rank_from_end = torch.where(valid, rank_from_end, torch.full_like(rank_from_end, -1))
-    wanted = (rank_from_end >= 1) & (rank_from_end <= num_positions)
-    return wanted.nonzero()[:, 1].view(attention_mask.shape[0], num_positions)
+        valid = (rank <= seq_len - 1).expand(batch, num_positions)
+        rows = torch.where(valid, seq_len - 1 - rank, seq_len - 1)
+        return rows.clone(), valid.clone()
+    real = attention_mask != 0
+    cumulative = real.long().cumsum(dim=1)  # (B, S): real tokens up to and including each position
+    counts = cumulative[:, -1:]  # (B, 1)
+    valid = rank[None] <= counts - 1  # (B, K)
+    # The loss row of slot k is the (n - rank)-th real token: the first position whose
+    # running count reaches n - rank.
+    target = (counts - rank[None]).clamp_min(1)
+    rows = torch.searchsorted(cumulative, target).clamp_max(seq_len - 1)
+    rows = torch.where(valid, rows, seq_len - 1)
+    return rows, valid
 
 
 def _causal_padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int,
@@ -70,12 +87,21 @@ _ALL_SDPA_BACKENDS = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.at
 
 
 @contextlib.contextmanager
-def _mask_friendly_attention(layer: nn.Module) -> Iterator[None]:
-    """Runs a layer whose config asks for flash attention through SDPA, which takes a 4-D mask,
-    and lets SDPA pick any backend, even where the caller forced one (e.g. flash) around us."""
+def _sdpa_attention(layer: nn.Module) -> Iterator[None]:
+    """Runs ``layer``'s attention through SDPA, with any SDPA backend allowed.
+
+    - SDPA takes the 4-D mask built here (flash attention would not), and it returns no
+      attention weights, so a surrounding ``output_attentions`` capture records nothing
+      from this extra call (an eager layer would hand its weights to that capture).
+    - The backend guard lets SDPA pick any kernel even where the caller forced one (e.g.
+      flash, which refuses a mask) around us.
+
+    The switch is the layer config's attention implementation, set for the duration of the
+    call and restored after it (another thread running the same model meanwhile would see it).
+    """
     config = getattr(getattr(layer, "self_attn", None), "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    switch = config is not None and impl not in (None, "eager", "sdpa")
+    switch = config is not None and impl != "sdpa"
     if switch:
         config._attn_implementation = "sdpa"
     try:
@@ -84,22 +110,6 @@ def _mask_friendly_attention(layer: nn.Module) -> Iterator[None]:
     finally:
         if switch:
             config._attn_implementation = impl
-
-
-@contextlib.contextmanager
-def _outputs_not_recorded() -> Iterator[None]:
-    """Keeps this extra call of the layer out of a surrounding model's ``output_hidden_states`` /
-    ``output_attentions`` (transformers records layer outputs through a context variable)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # other transformers versions, or no transformers: nothing records
-        yield
-        return
-    token = _active_collector.set(None)
-    try:
-        yield
-    finally:
-        _active_collector.reset(token)
 
 
 def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, hidden_states: torch.Tensor,
@@ -114,26 +124,39 @@ def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, 
         hidden_states: (B, S, D), the input of ``layer``.
         position_embeddings: the ``(cos, sin)`` pair the model hands its layers.
         attention_mask: (B, S), 1 for real tokens; padding on either side. ``None``: all real.
-        num_positions: K, loss rows per sample.
+        num_positions: K >= 1, the most loss rows per sample.
 
     Returns:
-        (B, S) float32: ``|| d l_b / d H_{b,i} ||_2``, with ``l_b`` the mean over the K loss
-        rows of the cross-entropy against the argmax pseudo-label. Padding scores 0.
+        (B, S) float32: ``|| d l_b / d H_{b,i} ||_2``. ``l_b`` is the mean, over sample
+        ``b``'s own loss rows (:func:`loss_positions`: ``min(K, n_b - 1)`` of them for
+        ``n_b`` real tokens), of the cross-entropy against the argmax pseudo-label. Padding
+        scores 0; a sample with at most one real token has no loss row and scores 0 everywhere.
+
+    How the layer is run, and why: the layer is called through ``layer.forward``, not
+    ``layer(...)``, so that no forward hook of the layer fires. Transformers records
+    ``output_hidden_states`` through hooks on the decoder layers, and a pio hook on this
+    layer would otherwise see its own probe. Its attention runs through SDPA (see
+    :func:`_sdpa_attention`), which returns no attention weights, so an ``output_attentions``
+    capture around us records nothing either. Nothing here touches transformers' output
+    collector: a surrounding model's ``output_hidden_states`` / ``output_attentions`` come
+    out as without the probe, under ``torch.compile`` too. (Hooks of the layer's
+    submodules still fire; e.g. a MoE router's ``output_router_logits`` capture records
+    this call's router logits.)
 
     Works under ``torch.no_grad()`` and ``torch.inference_mode()``; no parameter gradient
-    is accumulated.
+    is accumulated. Host synchronisation: none of its own (the loss rows are built on the
+    device); the layer's own code may have some.
     """
     batch, seq_len, _ = hidden_states.shape
     # Everything autograd saves is made inside inference_mode(False): an inference tensor
     # (the caller's inputs, or anything built from them under inference_mode) cannot be.
-    with torch.inference_mode(False), torch.enable_grad(), _mask_friendly_attention(layer), \
-            _outputs_not_recorded():
+    with torch.inference_mode(False), torch.enable_grad(), _sdpa_attention(layer):
         mask_2d = None if attention_mask is None else attention_mask.clone()
-        rows = loss_positions(mask_2d, batch, seq_len, num_positions, device=hidden_states.device)
+        rows, valid = loss_positions(mask_2d, batch, seq_len, num_positions, device=hidden_states.device)
         h = hidden_states.detach().clone().requires_grad_(True)
         cos, sin = (t.detach().clone() for t in position_embeddings)
         mask = _causal_padding_mask(mask_2d, batch, seq_len, h.dtype, h.device)
-        y = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+        y = layer.forward(h, attention_mask=mask, position_embeddings=(cos, sin))
         if isinstance(y, tuple):  # older transformers return (hidden_states, ...)
             y = y[0]
         normed = final_norm(y).float()
@@ -141,8 +164,10 @@ def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, 
         logits = F.linear(normed, lm_head.weight.float(), bias)  # (B, S, V), fp32
         z = logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))  # (B, K, V)
         pseudo = z.detach().argmax(dim=-1)
-        per_sample = F.cross_entropy(z.transpose(1, 2), pseudo, reduction="none").mean(dim=1)
-        (grad,) = torch.autograd.grad(per_sample.sum(), h)
+        ce = F.cross_entropy(z.transpose(1, 2), pseudo, reduction="none")  # (B, K)
+        # Each sample's mean over its own loss rows; a slot without a loss row weighs 0.
+        row_weight = valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)
+        (grad,) = torch.autograd.grad((ce * row_weight).sum(), h)
     scores = grad.float().norm(dim=-1)
     if attention_mask is not None:
         scores = scores * attention_mask.to(scores.dtype)

@@ -1,40 +1,85 @@
 """The exact reduced probe: proxy saliency (SPEC section 2) without a full layer pass.
 
 :func:`pio_kernels.reference.proxy_saliency` runs the layer on every position, builds
-``S x V`` logits and asks autograd for ``d l / d H``. Only the ``K`` loss rows of each sample
-reach the loss, and every other token reaches them only through its key and value in the
-layer's attention (SPEC 2, "Why this is cheap to compute exactly"). This module computes
-the same gradient by hand, step by step:
+``S x V`` logits and asks autograd for ``d l / d H``. Only the loss rows of each sample
+reach the loss (at most K, :func:`pio_kernels.reference.loss_positions`), and every other
+token reaches them only through its key and value in the layer's attention (SPEC 2, "Why
+this is cheap to compute exactly"). This module computes the same gradient: everything
+that touches all S rows is written out by hand, step by step; the feed-forward block of the
+K loss rows goes through autograd.
 
 forward (``p`` = the K loss rows, ``j`` = every position)
     F1  ``Xn = input_layernorm(H)`` for every row (HF rounding kept: fp32 norm, cast, times gain)
-    F2  keys ``Kr_j = rope(Xn_j W_k^T + b_k)`` for every row; queries ``Qr_p`` for loss rows only
+    F2  keys ``Kr_j = rope(k_norm(Xn_j W_k^T + b_k))`` for every row; queries
+        ``Qr_p = rope(q_norm(Xn_p W_q^T + b_q))`` for the loss rows only (``q_norm`` /
+        ``k_norm``: per-head RMSNorms, Qwen3; the identity where the layer has none)
     F3  ``P = softmax(scaling * Qr_p Kr^T)`` over the keys row ``p`` may see (causal, no padding)
     F4  ``O_p = (P Xn) W_v^T + b_v`` (no value projection of every row), ``A_p = O_p W_o^T``
-    F5  ``H1_p = H_p + A_p``, post-attention norm, SwiGLU MLP, ``Y_p = H1_p + MLP``
+    F5  ``H1_p = H_p + A_p``; ``Y_p = H1_p + mlp(post_attention_layernorm(H1_p))`` through
+        autograd on the loss rows only (any MLP: SwiGLU, GeGLU, sparse MoE, ...)
     F6  ``Z_p = lm_head(final_norm(Y_p))`` (K x V, fp32), pseudo-label ``argmax Z_p``
 backward (fp32 throughout; weights stay in their dtype, matmuls accumulate in fp32)
-    B1  ``dZ = (softmax(Z) - onehot) / K`` and ``dF = dZ W_head``; final-norm backward -> ``dY``
-    B2  MLP and post-attention-norm backward -> ``dH1_p`` (also the residual part of ``dH_p``)
+    B1  ``dZ = w_p (softmax(Z) - onehot)`` with ``w_p`` = 1 / (the sample's loss rows), 0 in a
+        slot without a loss row; ``dF = dZ W_head``; final-norm backward -> ``dY``
+    B2  autograd through F5's feed-forward block -> ``dH1_p`` (also the residual part of ``dH_p``)
     B3  ``dO = dH1 W_o``; ``u = dO W_v`` (one D-vector per head and loss row)
     B4  ``dS = P * (u Xn^T - rowsum)`` (the value bias and ``b_v`` cancel in the softmax)
-    B5  ``dXn_j = R^T(dKr_j) W_k`` (key path) ``+ P^T u`` (value path, rank <= heads*K)
-        ``+ R^T(dQr_p) W_q`` on the loss rows; ``R^T`` undoes RoPE with the given cos/sin
+    B5  ``dXn_j = W_k^T k_norm'(R^T(dKr_j))`` (key path) ``+ P^T u`` (value path, rank <= heads*K)
+        ``+ W_q^T q_norm'(R^T(dQr_p))`` on the loss rows; ``R^T`` undoes RoPE with the given
+        cos/sin, ``k_norm'`` is the per-head RMSNorm backward
     B6  ``dH = input_layernorm backward(dXn) + dH1`` (loss rows), score ``||dH_j||_2`` (fp32)
+
+A slot without a loss row (a sample with fewer than K + 1 real tokens) points at row S - 1,
+attends at least to itself (so its softmax stays finite) and weighs 0 in B1, so it adds
+exactly nothing.
 
 Cost on LLaVA-1.5-7B (S 640, D 4096, V 32000): two ``S x D x D_kv`` products (keys and the
 key-path backward, ~43 GFLOP) plus K rows of everything else, against ~1.3 TFLOP for the
 reference. On CUDA the head (F6 + B1) and the epilogue (B6) run as fused Triton kernels
 (:mod:`pio_kernels.triton.head_loss`, :mod:`pio_kernels.triton.saliency_epilogue`); the
-torch code below is their fallback and the CPU path.
+torch code below is their fallback and the CPU path. Host synchronisation: none in the
+hand-written steps (the loss rows are built on the device); an MLP's own code may have
+some (a sparse MoE block reads which experts are hit).
 
-Fast path: Llama-family decoder layers (Llama, Qwen2, Qwen2.5-VL text; MHA or GQA, optional
-biases, RoPE or M-RoPE handed over as ``(cos, sin)`` of shape (B, S, head_dim)). Any other
-layer falls back to the reference with a one-time warning naming its type.
+Which layers take the fast path (:func:`supports_fast_path`): checked by structure, not by
+class name, then numerically once per layer object:
+
+- a pre-norm residual decoder layer whose only parameterised children are ``self_attn``,
+  ``mlp``, ``input_layernorm`` and ``post_attention_layernorm``, computing
+  ``H1 = H + self_attn(input_layernorm(H))``, ``Y = H1 + mlp(post_attention_layernorm(H1))``;
+- ``self_attn``: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` linears (biases optional;
+  MHA, GQA or MQA; ``head_dim`` may differ from D / heads), an int ``head_dim`` and a float
+  ``scaling``, optional per-head ``q_norm`` / ``k_norm`` RMSNorms of size ``head_dim``
+  applied before RoPE, causal, and no other parameterised child;
+- ``input_layernorm`` and the model's ``final_norm``: HF RMSNorms
+  (``weight * (x * rsqrt(mean(x^2) + variance_epsilon)).to(dtype)``);
+- ``post_attention_layernorm`` and ``mlp``: any modules that act on each row on its own
+  (they run through autograd on the loss rows: SwiGLU, GeGLU, a sparse MoE block without
+  token dropping, a shared expert);
+- ``lm_head``: a linear layer;
+- RoPE (plain or M-RoPE) handed over as ``(cos, sin)`` of shape (B, S, head_dim) or
+  (S, head_dim), applied with HF's ``rotate_half`` (halves, not interleaved pairs);
+- no float attribute on the layer itself and none on ``self_attn`` besides ``scaling`` and
+  ``attention_dropout`` (this keeps out e.g. Granite's residual multiplier or a logit
+  soft-cap, which the probe does not model);
+- the numerical check (:func:`_forward_matches`) confirms the wiring above, the attention
+  and the norms on a few random tokens: structure cannot see a forward's code.
+
+In transformers 5.17-5.24 this takes ``LlamaDecoderLayer``, ``Qwen2DecoderLayer``,
+``Qwen2_5_VLDecoderLayer``, ``Qwen3DecoderLayer``, ``Qwen3MoeDecoderLayer`` (dense or sparse
+MoE MLP), ``Qwen3VLTextDecoderLayer`` and ``Qwen3VLMoeTextDecoderLayer`` (tested here), and
+also Mistral, Mixtral and Qwen2-MoE layers. Everything else falls back to the reference
+with a one-time warning naming its type: structurally, Gemma (extra norms, ``1 + weight``
+RMSNorm), Phi-3 (fused ``qkv_proj``), OLMo-2 (post-norms), Cohere (parallel block), Granite
+(multipliers), Qwen3-Next (gated attention); numerically, MiniMax (residual taken after the
+norm, alpha/beta factors), Helium and Ernie 4.5 (RoPE on interleaved pairs). Not modelled by
+either path: sliding-window attention (both attend over the whole causal prefix; Qwen2/3
+enable it only with ``use_sliding_window``) and dropout (layers are assumed in eval mode).
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +96,9 @@ DEFAULT_BACKEND = "auto"
 
 _WARNED_TYPES: set[str] = set()
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
-_ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
-_MLP_PARTS = {"gate_proj", "up_proj", "down_proj"}
+_ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ATTN_PARTS = {*_ATTN_PROJECTIONS, "q_norm", "k_norm"}
+_ATTN_FLOATS = {"scaling", "attention_dropout"}
 
 
 # --------------------------------------------------------------------------------------
@@ -68,49 +114,69 @@ def _is_rms_norm(module: object) -> bool:
             and not any(True for _ in module.children()))
 
 
-def _is_silu(act: object) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def _only_known_parameterised_children(module: nn.Module, known: set[str]) -> bool:
-    """True when every child that carries parameters is one we model (rejects e.g. q_norm)."""
+    """True when every child that carries parameters is one we model (rejects e.g. Gemma's extra norms)."""
     return all(name in known or not any(True for _ in child.parameters())
                for name, child in module.named_children())
 
 
-def supports_fast_path(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Module) -> bool:
-    """Whether ``layer`` is a pre-norm Llama-family decoder layer the reduced probe models exactly.
+def _float_attributes(module: nn.Module) -> set[str]:
+    """Names of the plain float attributes set on ``module`` (a scale the probe would have to model)."""
+    return {name for name, value in vars(module).items() if isinstance(value, float)}
 
-    Checked by structure, not by class: ``self_attn.{q,k,v,o}_proj`` and
-    ``mlp.{gate,up,down}_proj`` linears, a SiLU ``act_fn``, HF RMSNorms for
-    ``input_layernorm``, ``post_attention_layernorm`` and ``final_norm``, a linear head,
-    and no other parameterised submodule (so Qwen3's q/k norms or Gemma's extra norms
-    send the layer to the reference).
+
+def _attention_supported(attn: nn.Module, hidden: int) -> bool:
+    projections = [getattr(attn, n, None) for n in _ATTN_PROJECTIONS]
+    if not all(isinstance(p, nn.Linear) for p in projections):
+        return False
+    q_proj, k_proj, v_proj, o_proj = projections
+    head_dim, scaling = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        return False
+    if not isinstance(scaling, float) or getattr(attn, "is_causal", True) is not True:
+        return False
+    if any(p.in_features != hidden for p in (q_proj, k_proj, v_proj)) or o_proj.out_features != hidden:
+        return False
+    if q_proj.out_features % head_dim or k_proj.out_features % head_dim or v_proj.out_features != k_proj.out_features:
+        return False
+    if o_proj.in_features != q_proj.out_features or (q_proj.out_features // head_dim) % (k_proj.out_features // head_dim):
+        return False
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name, None)
+        if norm is not None and not (_is_rms_norm(norm) and norm.weight.numel() == head_dim):
+            return False
+    return _only_known_parameterised_children(attn, _ATTN_PARTS) and _float_attributes(attn) <= _ATTN_FLOATS
+
+
+def supports_fast_path(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Module) -> bool:
+    """Whether the reduced probe models ``layer`` exactly (see this module's docstring for the list).
+
+    First by structure, not by class: the layer's parameterised children, the attention's
+    projections and optional per-head q/k RMSNorms, HF RMSNorms for ``input_layernorm`` and
+    ``final_norm``, any modules for ``post_attention_layernorm`` and ``mlp``, a linear head,
+    and no float attribute that would scale a residual or a logit.
+
+    Then numerically, once per layer and norm object (:func:`_forward_matches`): structure
+    cannot see a forward's code, and e.g. MiniMax (normalised residuals, alpha/beta factors),
+    Helium and Ernie 4.5 (RoPE on interleaved pairs) pass the structural test. This runs the
+    layer on a few random tokens (no hook fires, as in the reference), reads one flag back
+    from the device and caches the answer.
     """
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+    post_norm = getattr(layer, "post_attention_layernorm", None)
+    if not all(isinstance(m, nn.Module) for m in (attn, mlp, post_norm)):
         return False
-    if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in _ATTN_PARTS):
-        return False
-    if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _MLP_PARTS):
-        return False
-    if not _is_silu(getattr(mlp, "act_fn", None)):
-        return False
-    if not all(_is_rms_norm(m) for m in (getattr(layer, "input_layernorm", None),
-                                         getattr(layer, "post_attention_layernorm", None), final_norm)):
+    if not (_is_rms_norm(getattr(layer, "input_layernorm", None)) and _is_rms_norm(final_norm)):
         return False
     if not isinstance(lm_head, nn.Linear):
         return False
-    head_dim, scaling = getattr(attn, "head_dim", None), getattr(attn, "scaling", None)
-    if not isinstance(head_dim, int) or not isinstance(scaling, float):
+    hidden = layer.input_layernorm.weight.numel()
+    if final_norm.weight.numel() != hidden or lm_head.in_features != hidden:
         return False
-    if attn.q_proj.out_features % head_dim or attn.k_proj.out_features % head_dim:
+    if not (_attention_supported(attn, hidden) and _only_known_parameterised_children(layer, _LAYER_PARTS)
+            and not _float_attributes(layer)):
         return False
-    if (attn.q_proj.out_features // head_dim) % (attn.k_proj.out_features // head_dim):
-        return False
-    return (_only_known_parameterised_children(layer, _LAYER_PARTS)
-            and _only_known_parameterised_children(attn, _ATTN_PARTS)
-            and _only_known_parameterised_children(mlp, _MLP_PARTS))
+    return _checked(layer, _forward_matches) and _checked(final_norm, _rms_norm_matches)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,12 +230,118 @@ def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Numerical check of the structure (once per module object)
+# --------------------------------------------------------------------------------------
+
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_CHECK_TOKENS = 6
+# Largest relative difference accepted between our model of a piece and the module itself,
+# per dtype: the module rounds every intermediate to its dtype, ours keeps fp32. A piece we
+# do not model (another residual, RoPE convention, norm formula) is off by O(1).
+_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _checked(module: nn.Module, check) -> bool:
+    verdict = _CHECKED.get(module)
+    if verdict is None:
+        verdict = _CHECKED[module] = check(module)
+    return verdict
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``max |got - want| <= tol * max |want|`` as a 0-d bool tensor (no host read here)."""
+    got, want = got.float(), want.float()
+    return (got - want).abs().max() <= _CHECK_TOLERANCE[dtype] * want.abs().max()
+
+
+def _rms_norm_model(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """F1's formula: fp32 norm, cast to the input dtype, times the gain (fp32 result)."""
+    return (norm.weight * (x.float() * _rms_scale(x, norm.variance_epsilon)).to(x.dtype)).float()
+
+
+def _rms_norm_matches(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes :func:`_rms_norm_model` (e.g. not ``1 + weight``, as Gemma's)."""
+    weight = norm.weight
+    if weight.dtype not in _CHECK_TOLERANCE or weight.device.type == "meta":
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = (3.0 * torch.randn(2, weight.numel(), generator=gen)).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        return bool(_close(_rms_norm_model(norm, x), norm(x), weight.dtype))
+
+
+def _attention_model(attn: nn.Module, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """What the probe assumes ``self_attn`` computes (F2-F4), on every row of one causal sequence.
+
+    ``xn`` (1, n, D); ``cos``/``sin`` (1, n, head_dim). fp32 result, weights in their dtype.
+    """
+    _, n, _ = xn.shape
+    head_dim = attn.head_dim
+    heads = []
+    for name in ("q", "k", "v"):
+        proj = getattr(attn, f"{name}_proj")
+        x = _linear(xn, proj.weight, proj.bias).view(1, n, -1, head_dim)
+        norm = getattr(attn, f"{name}_norm", None)
+        if norm is not None:
+            x = norm.weight.float() * (x * _rms_scale(x, norm.variance_epsilon))
+        if name != "v":
+            x = _rope(x, cos.float()[:, :, None], sin.float()[:, :, None])
+        heads.append(x.transpose(1, 2))  # (1, heads, n, hd)
+    q, k, v = heads
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=xn.device).tril()
+    prob = (attn.scaling * q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
+    out = (prob @ v).transpose(1, 2).reshape(1, n, -1)
+    return _linear(out, attn.o_proj.weight, attn.o_proj.bias)
+
+
+def _forward_matches(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes what the probe assumes, on a few random tokens.
+
+    Three comparisons, each within :data:`_CHECK_TOLERANCE` of the layer's dtype:
+    ``input_layernorm`` against F1's formula; ``self_attn`` against :func:`_attention_model`
+    (projections, q/k norms, RoPE with ``rotate_half`` on random angles, GQA, scaling, causal
+    softmax); and ``layer.forward`` against ``H1 = H + self_attn(input_layernorm(H))``,
+    ``Y = H1 + mlp(post_attention_layernorm(H1))`` built from the layer's own modules (the
+    residual wiring). Forwards are called directly, with attention through SDPA, so no hook
+    of the layer or its attention fires. Any exception means "not modelled".
+    """
+    weight = layer.input_layernorm.weight
+    dtype, device = weight.dtype, weight.device
+    if dtype not in _CHECK_TOLERANCE or device.type == "meta":
+        return False
+    attn, n = layer.self_attn, _CHECK_TOKENS
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(1, n, weight.numel(), generator=gen).to(device=device, dtype=dtype)
+    angles = 6.283 * torch.rand(1, n, attn.head_dim // 2, generator=gen)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = (t.to(device=device, dtype=dtype) for t in (angles.cos(), angles.sin()))
+    mask = reference._causal_padding_mask(None, 1, n, dtype, device)
+    try:
+        with torch.no_grad(), reference._sdpa_attention(layer):
+            xn = layer.input_layernorm(h)
+            attn_out = attn.forward(hidden_states=xn, position_embeddings=(cos, sin), attention_mask=mask)[0]
+            h1 = h + attn_out
+            ffn = layer.mlp(layer.post_attention_layernorm(h1))
+            composed = h1 + (ffn[0] if isinstance(ffn, tuple) else ffn)
+            out = layer.forward(h, attention_mask=mask, position_embeddings=(cos, sin))
+            out = out[0] if isinstance(out, tuple) else out
+            ok = (_close(_rms_norm_model(layer.input_layernorm, h), xn, dtype)
+                  & _close(_attention_model(attn, xn, cos, sin), attn_out, dtype)
+                  & _close(out - h, composed - h, dtype))
+        return bool(ok)
+    except Exception:  # noqa: BLE001 - a forward we cannot call this way is not one we model
+        return False
+
+
 def _head_chunk_rows(weight: torch.Tensor) -> int:
-    """Vocabulary rows per step of the torch head: a cache-sized slice on CPU (it is used twice
-    back to back), a large one on CUDA (fewer launches; bounds the fp32 copy to 64 MB)."""
-    if weight.device.type == "cuda":
-        return max(1, (64 << 20) // (4 * weight.shape[1]))
-    return max(16, (2 << 20) // (weight.element_size() * weight.shape[1]))
+    """Vocabulary rows per product of the torch head: the whole head when it is already fp32
+    (no copy), else slices whose fp32 copy is 64 MB at most."""
+    if weight.dtype == torch.float32:
+        return weight.shape[0]
+    return max(1, (64 << 20) // (4 * weight.shape[1]))
 
 
 def _head_loss_grad_torch(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -177,35 +349,34 @@ def _head_loss_grad_torch(normed: torch.Tensor, weight: torch.Tensor, bias: torc
     """Torch fallback of :func:`pio_kernels.triton.head_loss.head_loss_grad` (SPEC 2.2-2.4).
 
     ``normed`` (R, D) fp32 final-norm rows; ``weight`` (V, D); ``row_scale`` (R,) fp32 loss
-    weight of each row (1/K). Returns ``d loss / d normed`` (R, D) fp32 with
-    ``loss = sum_r row_scale_r * CE(Z_r, argmax Z_r)``, ``Z = normed W^T + b`` in fp32, i.e.
-    ``row_scale * (softmax(Z) W - W[argmax Z])``.
+    weight of each row (1 / the sample's loss rows, 0 for an empty slot). Returns
+    ``d loss / d normed`` (R, D) fp32 with ``loss = sum_r row_scale_r * CE(Z_r, argmax Z_r)``,
+    ``Z = normed W^T + b`` in fp32, i.e. ``row_scale * (softmax(Z) W - W[argmax Z])``.
 
-    One pass over the vocabulary, online-softmax style: each slice of the head (upcast to
-    fp32) gives its logits, then at once its share ``exp(Z - m) W`` of the softmax-weighted
-    sum, rescaled whenever the running max ``m`` grows. The head is read once (the slice is
-    still in cache for the second product); no ``R x V`` tensor is held. Ties of the
-    pseudo-label go to the lowest index, as ``torch.argmax``.
+    Two passes over the head, each a few large products: the ``R x V`` fp32 logits (R = B*K
+    rows, e.g. 2.4 MB at R 4, V 152k), then ``softmax(Z) W``. Ties of the pseudo-label go to
+    the lowest index (``torch.argmax``). A half-precision head is upcast one 64 MB slice at a
+    time, never as a whole. Few, large operations on purpose: on a busy CPU, every parallel
+    region of a small operation waits for a descheduled thread (an earlier one-pass version
+    in 128-row slices took 40 s instead of 4 s for Qwen3-VL's head at load 7 on 2 cores).
     """
-    rows, dim = normed.shape
+    rows = normed.shape[0]
     vocab = weight.shape[0]
     step = _head_chunk_rows(weight)
-    run_max = torch.full((rows, 1), float("-inf"), dtype=torch.float32, device=normed.device)
-    run_sum = torch.zeros(rows, 1, dtype=torch.float32, device=normed.device)
-    acc = torch.zeros(rows, dim, dtype=torch.float32, device=normed.device)
-    label = torch.zeros(rows, dtype=torch.long, device=normed.device)
+    if step >= vocab:
+        logits = normed @ weight.float().T
+    else:
+        logits = torch.empty(rows, vocab, dtype=torch.float32, device=normed.device)
+        for start in range(0, vocab, step):
+            logits[:, start:start + step] = normed @ weight[start:start + step].float().T
+    if bias is not None:
+        logits += bias.float()
+    label = logits.argmax(dim=1)
+    prob = torch.softmax(logits, dim=1)
+    acc = torch.zeros_like(normed)
     for start in range(0, vocab, step):
-        w = weight[start:start + step].float()
-        z = F.linear(normed, w, None if bias is None else bias[start:start + step].float())
-        chunk_max, chunk_arg = z.max(dim=1, keepdim=True)
-        label = torch.where(chunk_max[:, 0] > run_max[:, 0], chunk_arg[:, 0] + start, label)
-        new_max = torch.maximum(run_max, chunk_max)
-        rescale = torch.exp(run_max - new_max)
-        p = torch.exp(z - new_max)
-        run_sum = run_sum * rescale + p.sum(dim=1, keepdim=True)
-        acc = torch.addmm(acc * rescale, p, w)
-        run_max = new_max
-    return row_scale[:, None] * (acc / run_sum - weight[label].float())
+        acc.addmm_(prob[:, start:start + step], weight[start:start + step].float())
+    return row_scale[:, None] * (acc - weight[label].float())
 
 
 def _epilogue_torch(grad_xn: torch.Tensor, hidden: torch.Tensor, gain: torch.Tensor, eps: float,
@@ -257,11 +428,35 @@ def _rotary_tables(position_embeddings, batch: int, seq_len: int, head_dim: int)
     return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
 
+def _feed_forward(layer: nn.Module, h1: torch.Tensor, dtype: torch.dtype):
+    """F5's feed-forward block on the loss rows through autograd: ``(leaf, out)``.
+
+    ``h1`` (B, K, D) fp32 is rounded to the residual stream's ``dtype`` (what the block sees
+    in the model) into a fresh leaf; ``out = mlp(post_attention_layernorm(leaf))`` keeps its
+    graph for :func:`_feed_forward_backward`. Made outside inference mode, so that it works
+    when the caller runs under ``torch.inference_mode()``.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = h1.detach().to(dtype).clone().requires_grad_(True)
+        out = layer.mlp(layer.post_attention_layernorm(leaf))
+        if isinstance(out, tuple):  # MLPs that also return e.g. router logits
+            out = out[0]
+    return leaf, out
+
+
+def _feed_forward_backward(leaf: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``d <out, grad_out> / d leaf`` (fp32); no parameter gradient is computed or accumulated."""
+    with torch.inference_mode(False), torch.enable_grad():
+        (grad,) = torch.autograd.grad(out, leaf, grad_out.to(out.dtype).clone())
+    return grad.float()
+
+
 def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, hidden_states: torch.Tensor,
                          position_embeddings, attention_mask: torch.Tensor | None, num_positions: int,
                          use_triton: bool) -> torch.Tensor:
-    attn, mlp = layer.self_attn, layer.mlp
-    norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+    attn = layer.self_attn
+    norm_in = layer.input_layernorm
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     batch, seq_len, hidden = hidden_states.shape
     head_dim = attn.head_dim
     n_heads, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
@@ -271,7 +466,8 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
 
-    rows = reference.loss_positions(attention_mask, batch, seq_len, num_positions, device=device)  # (B, K)
+    # (B, K) loss rows and which slots hold one; empty slots point at row S - 1 (SPEC 2.3).
+    rows, valid = reference.loss_positions(attention_mask, batch, seq_len, num_positions, device=device)
     cos, sin = _rotary_tables(position_embeddings, batch, seq_len, head_dim)  # (B, S, hd) fp32
     gather_rows = rows[..., None]
 
@@ -283,46 +479,53 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     rstd_in = _rms_scale(h, norm_in.variance_epsilon)  # (B, S, 1)
     xn = (norm_in.weight * (h.float() * rstd_in).to(h.dtype)).float()  # (B, S, D)
 
-    # F2: keys of every row (RoPE applied); queries of the loss rows only.
+    # F2: keys of every row (k_norm, then RoPE); queries of the loss rows only (q_norm, then RoPE).
     k = _linear(xn, attn.k_proj.weight, attn.k_proj.bias).view(batch, seq_len, n_kv, head_dim)
+    if k_norm is not None:
+        k_raw, rstd_k = k, _rms_scale(k, k_norm.variance_epsilon)  # (B, S, G, 1)
+        k = k_norm.weight.float() * (k_raw * rstd_k)
     k_rot = _rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2)  # (B, G, S, hd)
+    del k
     cos_p, sin_p = take(cos)[:, :, None], take(sin)[:, :, None]  # (B, K, 1, hd)
     xn_p = take(xn)  # (B, K, D)
     q = _linear(xn_p, attn.q_proj.weight, attn.q_proj.bias).view(batch, k_rows, n_heads, head_dim)
+    if q_norm is not None:
+        q_raw, rstd_q = q, _rms_scale(q, q_norm.variance_epsilon)
+        q = q_norm.weight.float() * (q_raw * rstd_q)
     q_rot = _rope(q, cos_p, sin_p).view(batch, k_rows, n_kv, group, head_dim).permute(0, 2, 3, 1, 4)
     # q_rot: (B, G, r, K, hd); head h = g * r + i, the order of HF's repeat_kv.
 
     # F3: attention probabilities of the loss rows: causal, padding keys hidden (SPEC 2.1).
+    # Each row also sees itself, so that an empty slot's softmax stays finite.
     key_pos = torch.arange(seq_len, device=device)
     allowed = key_pos[None, None, :] <= rows[..., None]  # (B, K, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | (key_pos[None, None, :] == rows[..., None])
     logits_att = attn.scaling * torch.einsum("bgrpd,bgsd->bgrps", q_rot, k_rot)
     logits_att = logits_att.masked_fill(~allowed[:, None, None], float("-inf"))
     prob = torch.softmax(logits_att, dim=-1)  # (B, G, r, K, S) fp32
+    del logits_att
 
     # F4: attention output through P Xn (values never projected for every row), then o_proj.
     w_v = attn.v_proj.weight.view(n_kv, head_dim, hidden)
     prob_xn = torch.einsum("bgrps,bsD->bgrpD", prob, xn)  # (B, G, r, K, D)
     out = torch.einsum("bgrpD,gdD->bgrpd", prob_xn.to(w_v.dtype), w_v).float()
+    del prob_xn
     if attn.v_proj.bias is not None:
         out = out + attn.v_proj.bias.float().view(n_kv, 1, 1, head_dim)
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, k_rows, n_heads * head_dim)
     h1 = take(h).float() + _linear(out, attn.o_proj.weight, attn.o_proj.bias)  # (B, K, D)
 
-    # F5: post-attention norm and SwiGLU MLP on the loss rows.
-    rstd_post = _rms_scale(h1, norm_post.variance_epsilon)
-    n2 = norm_post.weight.float() * (h1 * rstd_post)
-    gate = _linear(n2, mlp.gate_proj.weight, mlp.gate_proj.bias)
-    up = _linear(n2, mlp.up_proj.weight, mlp.up_proj.bias)
-    sig = torch.sigmoid(gate)
-    act = gate * sig
-    y = h1 + _linear(act * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    # F5: post-attention norm and MLP on the loss rows, through autograd.
+    ffn_leaf, ffn_out = _feed_forward(layer, h1, h.dtype)
+    y = h1 + ffn_out.detach().float()
 
     # F6 + B1: final norm, head, CE against the argmax pseudo-label, gradient back to Y.
+    # Each sample's loss is the mean over its own loss rows; an empty slot weighs 0.
     rstd_final = _rms_scale(y, final_norm.variance_epsilon)
     normed = (final_norm.weight.float() * (y * rstd_final)).reshape(batch * k_rows, hidden)
-    row_scale = torch.full((batch * k_rows,), 1.0 / k_rows, dtype=torch.float32, device=device)
+    row_scale = (valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)).reshape(batch * k_rows)
     if use_triton:
         from pio_kernels.triton.head_loss import head_loss_grad
         grad_normed = head_loss_grad(normed, lm_head.weight, lm_head.bias, row_scale)
@@ -331,12 +534,9 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     grad_normed = grad_normed.view(batch, k_rows, hidden)
     grad_y = _rms_norm_backward(y, rstd_final, grad_normed * final_norm.weight.float())
 
-    # B2: MLP and post-attention norm backward; dH1 is also the residual gradient of H_p.
-    grad_m = _linear_t(grad_y, mlp.down_proj.weight)  # (B, K, M)
-    grad_gate = grad_m * up * (sig * (1.0 + gate * (1.0 - sig)))  # silu'(x) = s + x s (1 - s)
-    grad_up = grad_m * act
-    grad_n2 = _linear_t(grad_gate, mlp.gate_proj.weight) + _linear_t(grad_up, mlp.up_proj.weight)
-    grad_h1 = grad_y + _rms_norm_backward(h1, rstd_post, grad_n2 * norm_post.weight.float())
+    # B2: feed-forward backward; dH1 is also the residual gradient of H_p.
+    grad_h1 = grad_y + _feed_forward_backward(ffn_leaf, ffn_out, grad_y)
+    del ffn_leaf, ffn_out
 
     # B3: through o_proj to the per-head attention output, then u = dO W_v per head.
     grad_out = _linear_t(grad_h1, attn.o_proj.weight).view(batch, k_rows, n_kv, group, head_dim)
@@ -347,14 +547,21 @@ def _fast_proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Li
     grad_prob = torch.einsum("bgrpD,bsD->bgrps", u, xn)
     grad_logits_att = prob * (grad_prob - (prob * grad_prob).sum(dim=-1, keepdim=True))
     grad_logits_att = grad_logits_att * attn.scaling
+    del grad_prob
 
     # B5: key path (every row), value path (rank <= heads*K), query path (loss rows).
-    grad_k_rot = torch.einsum("bgrps,bgrpd->bgsd", grad_logits_att, q_rot).transpose(1, 2)  # (B, S, G, hd)
-    grad_k = _rope_backward(grad_k_rot, cos[:, :, None], sin[:, :, None]).reshape(batch, seq_len, n_kv * head_dim)
-    grad_xn = _linear_t(grad_k, attn.k_proj.weight)  # (B, S, D)
+    grad_k = torch.einsum("bgrps,bgrpd->bgsd", grad_logits_att, q_rot).transpose(1, 2)  # (B, S, G, hd)
+    grad_k = _rope_backward(grad_k, cos[:, :, None], sin[:, :, None])
+    if k_norm is not None:
+        grad_k = _rms_norm_backward(k_raw, rstd_k, grad_k.mul_(k_norm.weight.float()))
+        del k_raw, rstd_k
+    grad_xn = _linear_t(grad_k.reshape(batch, seq_len, n_kv * head_dim), attn.k_proj.weight)  # (B, S, D)
+    del grad_k
     grad_xn += torch.einsum("bgrps,bgrpD->bsD", prob, u)
-    grad_q_rot = torch.einsum("bgrps,bgsd->bgrpd", grad_logits_att, k_rot).permute(0, 3, 1, 2, 4)
-    grad_q = _rope_backward(grad_q_rot.reshape(batch, k_rows, n_heads, head_dim), cos_p, sin_p)
+    grad_q = torch.einsum("bgrps,bgsd->bgrpd", grad_logits_att, k_rot).permute(0, 3, 1, 2, 4)
+    grad_q = _rope_backward(grad_q.reshape(batch, k_rows, n_heads, head_dim), cos_p, sin_p)
+    if q_norm is not None:
+        grad_q = _rms_norm_backward(q_raw, rstd_q, grad_q * q_norm.weight.float())
     grad_xn.scatter_add_(1, gather_rows.expand(-1, -1, hidden),
                          _linear_t(grad_q.reshape(batch, k_rows, n_heads * head_dim), attn.q_proj.weight))
 
@@ -400,14 +607,18 @@ def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, 
         hidden_states: (B, S, D), the input of ``layer``.
         position_embeddings: ``(cos, sin)``, each (B, S, head_dim) (or (S, head_dim)).
         attention_mask: (B, S), 1 for real tokens, padding on either side; ``None``: all real.
-        num_positions: K, loss rows per sample (SPEC 2.3).
+        num_positions: K >= 1, the most loss rows per sample (SPEC 2.3): a sample with ``n``
+            real tokens has ``min(K, n - 1)`` (:func:`pio_kernels.reference.loss_positions`).
         backend: ``"auto"`` (Triton kernels on CUDA when Triton imports, torch otherwise),
             ``"torch"`` (force the torch path) or ``"triton"`` (force the kernels; CPU only
             under ``TRITON_INTERPRET=1``). ``None`` reads :data:`DEFAULT_BACKEND`.
 
     Returns:
-        (B, S) float32 on ``hidden_states.device``; padding scores 0. Batch-invariant
-        (per-sample loss mean). Works under ``torch.no_grad()`` and ``torch.inference_mode()``.
+        (B, S) float32 on ``hidden_states.device``; padding scores 0. Each sample's loss is
+        the mean over its own loss rows, so scores are batch-invariant; a sample with at most
+        one real token has no loss row and scores 0 everywhere. Works under
+        ``torch.no_grad()`` and ``torch.inference_mode()``. No host synchronisation on a fast-path
+        layer with a dense MLP (see the module docstring).
 
     Layers that :func:`supports_fast_path` rejects go to the reference, with one warning
     per layer type.
@@ -418,8 +629,8 @@ def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, 
         name = type(layer).__name__
         if name not in _WARNED_TYPES:
             _WARNED_TYPES.add(name)
-            warnings.warn(f"proxy_saliency: no exact fast path for {name} (not a pre-norm Llama-family "
-                          "layer with SiLU MLP and RMSNorms); using the reference, which runs the whole "
+            warnings.warn(f"proxy_saliency: no exact fast path for {name} (not a pre-norm "
+                          "Llama/Qwen-family layer with RMSNorms, see pio_kernels.saliency); using the reference, which runs the whole "
                           "layer and full-vocabulary logits", RuntimeWarning, stacklevel=2)
         return reference.proxy_saliency(layer, final_norm, lm_head, hidden_states, position_embeddings,
                                         attention_mask=attention_mask, num_positions=num_positions)

@@ -56,22 +56,65 @@ def test_zero_rows_are_nobodys_neighbour_above_zero():
     assert reference.select_tokens(features, scores, 2, tau=0.0).tolist() == [[0, 1]]  # fill pass
 
 
+def _loss_rows_by_hand(mask_row: list[int], k: int) -> list[int]:
+    """The min(K, n - 1) real positions just before the last real one, ascending."""
+    real = [i for i, m in enumerate(mask_row) if m]
+    return real[max(0, len(real) - 1 - k):-1] if real else []
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_loss_positions_skip_the_last_valid_token(side):
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
     if side == "left":
         mask = mask.flip(1)
-    rows = reference.loss_positions(mask, 2, 7, 3)
-    valid = [torch.nonzero(m).flatten().tolist() for m in mask]
-    assert rows.tolist() == [v[-4:-1] for v in valid]
+    rows, valid = reference.loss_positions(mask, 2, 7, 3)
+    assert valid.all()
+    real = [torch.nonzero(m).flatten().tolist() for m in mask]
+    assert rows.tolist() == [v[-4:-1] for v in real]
 
 
-def test_loss_positions_without_mask_and_too_short():
-    assert reference.loss_positions(None, 2, 6, 4).tolist() == [[1, 2, 3, 4]] * 2
-    with pytest.raises(ValueError, match="num_positions"):
-        reference.loss_positions(torch.tensor([[0, 1, 1, 1, 1]]), 1, 5, 4)
-    with pytest.raises(ValueError, match="num_positions"):
-        reference.loss_positions(None, 1, 4, 4)
+def test_loss_positions_of_short_samples_hand_worked():
+    # K = 4; samples with 7, 3, 2, 1 and 0 real tokens, and one with holes.
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1],
+                         [1, 1, 1, 0, 0, 0, 0],
+                         [0, 0, 0, 0, 0, 1, 1],
+                         [0, 0, 0, 0, 0, 0, 1],
+                         [0, 0, 0, 0, 0, 0, 0],
+                         [1, 0, 1, 0, 1, 1, 0]])
+    rows, valid = reference.loss_positions(mask, 6, 7, 4)
+    assert rows.dtype == torch.int64 and valid.dtype == torch.bool and rows.shape == valid.shape == (6, 4)
+    assert valid.tolist() == [[True] * 4, [False, False, True, True], [False, False, False, True],
+                              [False] * 4, [False] * 4, [False, True, True, True]]
+    # loss rows right-aligned and ascending; an empty slot holds S - 1 = 6
+    assert rows.tolist() == [[2, 3, 4, 5], [6, 6, 0, 1], [6, 6, 6, 5], [6, 6, 6, 6], [6, 6, 6, 6], [6, 0, 2, 4]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_loss_positions_match_the_definition_on_random_masks(seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(7, 11, generator=gen) < 0.3 + 0.1 * seed).long()
+    for k in (1, 3, 10, 12):
+        rows, valid = reference.loss_positions(mask, 7, 11, k)
+        for b in range(7):
+            want = _loss_rows_by_hand(mask[b].tolist(), k)
+            assert rows[b][valid[b]].tolist() == want
+            assert int(valid[b].sum()) == len(want) == min(k, max(int(mask[b].sum()) - 1, 0))
+            assert (rows[b][~valid[b]] == 10).all()  # never a loss row: nothing real comes after it
+
+
+def test_loss_positions_without_mask():
+    rows, valid = reference.loss_positions(None, 2, 6, 4)
+    assert rows.tolist() == [[1, 2, 3, 4]] * 2 and valid.all()
+    rows, valid = reference.loss_positions(None, 1, 3, 4)  # K larger than the sequence
+    assert rows.tolist() == [[2, 2, 0, 1]] and valid.tolist() == [[False, False, True, True]]
+    rows, valid = reference.loss_positions(None, 1, 1, 2)
+    assert not valid.any() and rows.tolist() == [[0, 0]]
+
+
+def test_loss_positions_check_num_positions():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_positions"):
+            reference.loss_positions(torch.ones(1, 5), 1, 5, bad)
 
 
 def test_causal_padding_mask_rows_never_empty():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from layer_factory import FAMILIES, make_stage, mrope_positions, padded_batch, positions_from_mask
+from layer_factory import FAMILIES, MROPE_FAMILIES, make_stage, mrope_positions, padded_batch, positions_from_mask
 from pio_kernels import proxy_saliency, reference
 from pio_kernels.saliency import supports_fast_path
 
@@ -15,7 +15,7 @@ def _inputs(stage, lengths, seq_len, side, seed, dtype=torch.float32, family="ll
     mask = padded_batch(lengths, seq_len, side)
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(len(lengths), seq_len, stage.hidden_size, generator=gen).to(dtype)
-    if family == "qwen2_5_vl":
+    if family in MROPE_FAMILIES:
         # an image span inside the shortest sample's valid tokens (both sides of padding)
         start = seq_len - min(lengths) + 1 if side == "left" else 1
         pos = mrope_positions(mask, (start, start + min(lengths) - 4))
@@ -26,6 +26,7 @@ def _inputs(stage, lengths, seq_len, side, seed, dtype=torch.float32, family="ll
 
 def _both(stage, hidden, pe, mask, num_positions=4, **kw):
     args = (stage.layer, stage.final_norm, stage.lm_head, hidden, pe)
+    assert supports_fast_path(stage.layer, stage.final_norm, stage.lm_head)  # no silent fallback
     ref = reference.proxy_saliency(*args, attention_mask=mask, num_positions=num_positions)
     fast = proxy_saliency(*args, attention_mask=mask, num_positions=num_positions, **kw)
     return ref, fast
@@ -47,15 +48,21 @@ def test_fp32_matches_reference(family, side, seed):
     assert _rel_err(fast, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("family,hidden_size,heads,kv_heads,mlp,vocab,num_positions", [
-    ("llama", 48, 4, 1, 70, 131, 1),       # head_dim 12, MQA, K = 1
-    ("qwen2", 96, 6, 3, 40, 257, 6),       # head_dim 16, GQA 2, K = 6
-    ("qwen2_5_vl", 80, 5, 5, 33, 97, 3),   # head_dim 16, MHA with bias, odd MLP
+@pytest.mark.parametrize("family,hidden_size,heads,kv_heads,mlp,vocab,num_positions,head_dim", [
+    ("llama", 48, 4, 1, 70, 131, 1, None),          # head_dim 12, MQA, K = 1
+    ("qwen2", 96, 6, 3, 40, 257, 6, None),          # head_dim 16, GQA 2, K = 6
+    ("qwen2_5_vl", 80, 5, 5, 33, 97, 3, None),      # head_dim 16, MHA with bias, odd MLP
+    ("qwen3", 56, 7, 1, 45, 101, 5, 20),            # head_dim 20 > 56 / 7, MQA, q/k norms and biases
+    ("qwen3_vl", 72, 6, 2, 50, 113, 2, 12),         # head_dim 12, GQA 3, interleaved M-RoPE
+    ("qwen3_vl_moe", 40, 5, 5, 30, 89, 4, 8),       # head_dim 8, MHA, sparse MoE
+    ("llama_geglu", 36, 3, 3, 29, 67, 7, None),     # GeGLU, K = 7
 ])
-def test_fp32_odd_shapes(family, hidden_size, heads, kv_heads, mlp, vocab, num_positions):
-    stage = make_stage(family, hidden=hidden_size, heads=heads, kv_heads=kv_heads, mlp=mlp, vocab=vocab, seed=3)
+def test_fp32_odd_shapes(family, hidden_size, heads, kv_heads, mlp, vocab, num_positions, head_dim):
+    stage = make_stage(family, hidden=hidden_size, heads=heads, kv_heads=kv_heads, mlp=mlp, vocab=vocab, seed=3,
+                       head_dim=head_dim)
     hidden, pe, mask = _inputs(stage, [17, 10, 9, 17], 17, "left", 3, family=family)
     ref, fast = _both(stage, hidden, pe, mask, num_positions=num_positions)
+    assert ref.max() > 0
     assert _rel_err(fast, ref) <= 1e-4
 
 
@@ -159,16 +166,42 @@ def test_unknown_layer_falls_back_with_one_warning():
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
 
 
-def test_structure_detection_rejects_extra_norms_and_other_activations():
+def test_structure_detection_accepts_any_mlp_and_rejects_what_it_does_not_model():
     stage = make_stage("llama", seed=9)
     assert supports_fast_path(stage.layer, stage.final_norm, stage.lm_head)
-    qk_norm = copy.deepcopy(stage.layer)
-    qk_norm.self_attn.q_norm = copy.deepcopy(stage.final_norm)  # Qwen3-style query norm
-    assert not supports_fast_path(qk_norm, stage.final_norm, stage.lm_head)
     gelu = copy.deepcopy(stage.layer)
-    gelu.mlp.act_fn = nn.GELU()
-    assert not supports_fast_path(gelu, stage.final_norm, stage.lm_head)
+    gelu.mlp.act_fn = nn.GELU()  # the MLP runs through autograd: any MLP is modelled
+    assert supports_fast_path(gelu, stage.final_norm, stage.lm_head)
+    plain_mlp = copy.deepcopy(stage.layer)
+    plain_mlp.mlp = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 64))
+    assert supports_fast_path(plain_mlp, stage.final_norm, stage.lm_head)
+
+    def rejected(mutate):
+        layer = copy.deepcopy(stage.layer)
+        mutate(layer)
+        return not supports_fast_path(layer, stage.final_norm, stage.lm_head)
+
+    # a q norm over the whole projection (OLMo-2 style), not per head
+    assert rejected(lambda m: setattr(m.self_attn, "q_norm", copy.deepcopy(stage.final_norm)))
+    # an extra parameterised child of the layer (Gemma's pre/post feed-forward norms)
+    assert rejected(lambda m: setattr(m, "post_feedforward_layernorm", copy.deepcopy(stage.final_norm)))
+    # an extra parameterised child of the attention
+    assert rejected(lambda m: setattr(m.self_attn, "rel_bias", nn.Linear(4, 4)))
+    # a residual multiplier (Granite) or an attention logit soft-cap (Gemma-2)
+    assert rejected(lambda m: setattr(m, "residual_multiplier", 0.22))
+    assert rejected(lambda m: setattr(m.self_attn, "attn_logit_softcapping", 50.0))
+    # a fused qkv projection (Phi-3), a non-causal attention, a LayerNorm as input norm
+    assert rejected(lambda m: delattr(m.self_attn, "k_proj"))
+    assert rejected(lambda m: setattr(m.self_attn, "is_causal", False))
+    assert rejected(lambda m: setattr(m, "input_layernorm", nn.LayerNorm(64)))
     assert not supports_fast_path(stage.layer, nn.LayerNorm(stage.hidden_size), stage.lm_head)
+    assert not supports_fast_path(stage.layer, stage.final_norm, nn.Linear(32, 80))
+
+
+def test_structure_detection_on_every_stock_family():
+    for family in FAMILIES:
+        stage = make_stage(family)
+        assert supports_fast_path(stage.layer, stage.final_norm, stage.lm_head), family
 
 
 def test_bad_arguments_raise():
@@ -213,8 +246,8 @@ def test_cuda_triton_and_torch_paths_match_reference(family, dtype):
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])
-def test_torch_head_one_pass_matches_full_softmax(monkeypatch, chunk):
-    """The online-softmax head (one read of the head) against the direct formula, ties included."""
+def test_torch_head_in_slices_matches_full_softmax(monkeypatch, chunk):
+    """The torch head, whole or in slices of the vocabulary, against the direct formula, ties included."""
     import pio_kernels.saliency as sal
     monkeypatch.setattr(sal, "_head_chunk_rows", lambda weight: chunk)
     gen = torch.Generator().manual_seed(12)
@@ -231,3 +264,64 @@ def test_torch_head_one_pass_matches_full_softmax(monkeypatch, chunk):
     got = sal._head_loss_grad_torch(normed, weight, bias, scale)
     assert (scale[:, None] * (weight[3] - weight[120])).abs().max() > 1e-2  # the label matters
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _stock_layer(model_type: str, **extra):
+    """(layer, final norm, head, rotary) of a 1-layer random model of ``model_type`` (transformers' own classes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=90,
+                               max_position_embeddings=64, **extra)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(13)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # trained-like scales, so that attention is not uniform
+        for name, p in model.model.layers[0].named_parameters():
+            if name.endswith("proj.weight"):
+                p.normal_(0.0, 2.0 * p.shape[-1] ** -0.5)
+    return model.model.layers[0], model.model.norm, model.lm_head, model.model.rotary_emb
+
+
+@pytest.mark.parametrize("model_type,extra,fast", [
+    ("mistral", {}, True),
+    ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48}, True),   # sparse MoE plus a gated shared expert
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, True),
+    ("minimax", {"layer_types": ["full_attention"], "num_local_experts": 4, "num_experts_per_tok": 2}, False),
+    ("helium", {}, False),     # RoPE on interleaved pairs
+    ("ernie4_5", {}, False),   # RoPE on interleaved pairs
+])
+def test_numerical_structure_check_on_other_stock_layers(model_type, extra, fast):
+    """Structure alone accepts all of these; the numerical check keeps out the ones we do not model
+    (MiniMax: residual of the normalised input, alpha/beta factors; Helium, Ernie 4.5: interleaved
+    RoPE), which then fall back to the reference. Either way the scores equal the reference's."""
+    import pio_kernels.saliency as sal
+    layer, norm, head, rotary = _stock_layer(model_type, **extra)
+    assert sal._attention_supported(layer.self_attn, 64)  # the structure alone would take them
+    assert supports_fast_path(layer, norm, head) == fast
+    mask = padded_batch([10, 6], 10, "left")
+    hidden = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(13))
+    pe = rotary(hidden, positions_from_mask(mask))
+    want = reference.proxy_saliency(layer, norm, head, hidden, pe, attention_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = proxy_saliency(layer, norm, head, hidden, pe, attention_mask=mask)
+    assert _rel_err(got, want) <= 1e-4
+    if not fast:  # what the fast path would have computed for it is off by far more than 1e-4
+        with torch.no_grad():
+            wrong = sal._fast_proxy_saliency(layer, norm, head, hidden, pe, mask, 4, False)
+        assert _rel_err(wrong, want) > 2e-3
+
+
+def test_numerical_structure_check_catches_a_scaled_residual():
+    stage = make_stage("llama", seed=14)
+    layer = copy.deepcopy(stage.layer)
+    original = type(layer).forward
+
+    def scaled(self, hidden_states, **kwargs):  # a residual multiplier hidden in the forward code
+        out = original(self, hidden_states, **kwargs)
+        return hidden_states + 0.5 * (out - hidden_states)
+
+    layer.forward = scaled.__get__(layer)
+    assert supports_fast_path(stage.layer, stage.final_norm, stage.lm_head)
+    assert not supports_fast_path(layer, stage.final_norm, stage.lm_head)
