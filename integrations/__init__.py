@@ -172,7 +172,7 @@ def apply_pio(model: nn.Module, config: PioConfig) -> nn.Module:
     n_layers = len(lm.layers)
     if config.layers[-1] >= n_layers:
         raise ValueError(f"layers must be < the model's {n_layers} decoder layers, got {list(config.layers)}")
-    hf.mask_kind(lm.config._attn_implementation)
+    hf.mask_kind(hf.attention_implementation(lm.config))
     types = list(getattr(lm.config, "layer_types", None) or [])
     if any(t != "full_attention" for t in types[config.layers[0] if config.encoder_keep is None else 0:]):
         raise NotImplementedError("pio does not support sliding-window attention layers behind a stage "

@@ -166,6 +166,11 @@ def reported_offsets(cache) -> list[int] | None:
 # ----------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------
+def attention_implementation(config) -> str | None:
+    """The attention implementation a model config selects (``eager``, ``sdpa``, ...)."""
+    return getattr(config, "_attn_implementation", None)
+
+
 def mask_kind(impl: str | None) -> str:
     """How a decoder layer with attention implementation ``impl`` takes its mask.
 

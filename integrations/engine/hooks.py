@@ -229,7 +229,7 @@ class _LanguageModelHook(_Hook):
         last = state.prefill
         if last is not None and self._repeats(last, hidden, valid):
             return self._replay(kwargs, hidden, cache, last, valid, mask)
-        kind = hf.mask_kind(module.config._attn_implementation)
+        kind = hf.mask_kind(hf.attention_implementation(module.config))
         prefill = Prefill(seq_len=q, image_map=image_map.to(device), prompt_valid=valid, mask_kind=kind,
                           static_len=hf.max_cache_length(cache))
         if state.prompt_len is not None and q > state.prompt_len:  # assisted decoding: prompt + candidates
