@@ -66,7 +66,8 @@ check-cuda: $(CHECK_DEPS)
 # the build with PIO_REQUIRE_EXTENSION=1, compute-sanitizer memcheck and racecheck, every
 # cuda-marked test, the kernel and end-to-end benchmarks at 7B shapes (benchmarks/gpu_check.py).
 # Runs with the machine's own python3 (no venv, no network); results in benchmarks/results/,
-# e.g. `make gpu-check GPU_CHECK_ARGS="--mirror $$OUT"`; `--dry-run` checks the plumbing anywhere.
+# e.g. `make gpu-check GPU_CHECK_ARGS="--mirror $OUT"` (the shell expands $OUT); `--dry-run`
+# checks the plumbing anywhere.
 GPU_CHECK_ARGS ?=
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

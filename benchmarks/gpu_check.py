@@ -265,10 +265,11 @@ def summary(report: dict[str, Any]) -> str:
 # The parts of a real run
 # ------------------------------------------------------------------------------------------------
 def _environment(python: str) -> dict[str, Any]:
-    """Device, versions and date, from a subprocess (this process never initialises CUDA)."""
+    """Device, versions and date, from a subprocess (this process never initialises CUDA).
+    Whether the extension is built is the build part's answer, not recorded here."""
     code = ("import json, sys; sys.path.insert(0, %r); import torch, harness; "
             "dev = 'cuda' if torch.cuda.is_available() else 'cpu'; env = harness.environment(dev); "
-            "env['cuda_available'] = torch.cuda.is_available(); "
+            "env.pop('pio_kernels_extension', None); env['cuda_available'] = torch.cuda.is_available(); "
             "env['capability'] = list(torch.cuda.get_device_capability()) if env['cuda_available'] else None; "
             "print('ENV' + json.dumps(env))") % HERE
     try:
