@@ -21,18 +21,30 @@ Columns: prefill ms (one forward with an empty cache, logits of the last row onl
 (``generate`` with a fixed number of new tokens), visual-token FLOPs by the SPEC section 6
 formula ``sum over layers of 4nd^2 + 2n^2d + 2ndm``, the KV cache measured after prefill (MiB
 per sample), selection ms per stage and its share of the prefill, and speedups against the
-stock model of the same run. The encoder stage (w/ VE) runs the vision tower itself: its
-selection ms is the stage's time minus the stock model's vision tower (``tower_ms``), both
-in the row. Timing: ``harness.time_ms`` (CUDA events on a GPU, median after
-warm-up); bf16 and SDPA with the flash backend first on a GPU.
+stock model of the same run (``selection_share_stages``: each stage's share). The encoder
+stage (w/ VE) runs the vision tower itself: its selection ms is the stage's time minus the
+stock model's vision tower (``tower_ms``), both in the row. Timing: ``harness.wall_ms``
+(synchronised wall clock, median after warm-up: host syncs inside a stage count); bf16 and
+SDPA with the flash backend first on a GPU.
 
-On CPU (or with ``--quick``) the models are the ``tiny`` shapes: same depth and visual-token
-counts, widths of a few dozen channels. Those rows check that the script works; their times
-say nothing about a GPU, and the JSON says ``"size": "tiny"``.
+Sizes (``--size``, :mod:`vlm_shapes`): ``full`` (the 7B shapes; the GPU default), ``tiny``
+(widths of a few dozen channels, same depth and visual-token counts: the CPU default and
+``--quick``; those rows check that the script works and say nothing about speed, the JSON
+says ``"size": "tiny"``) and ``half`` (the full 7B widths at about half depth, fp32 on a
+CPU: LLaVA-1.5-7B with the whole CLIP ViT-L/14-336 and 16 Llama-7B layers, Qwen2.5-VL-7B
+with 16 vision blocks and 10 layers; about 14 GiB). Schedules follow the depth: stage
+layers scaled by ``layers / 32`` (``/ 28`` for Qwen), e.g. LLaVA-1.5 w/ VE at 16 layers is
+``encoder_keep=96``, layer 8 keeps 32; the w/o VE budgets are rescaled so the average over
+the layers stays at the retention. ``--layers`` / ``--vision-layers`` override the depth
+(a smoke test of ``half`` on a small machine).
 
     python benchmarks/e2e.py                     # everything, for the device present
     python benchmarks/e2e.py --models llava-1.5-7b --batches 1   # a part (own JSON file)
     python benchmarks/e2e.py --quick             # tiny shapes, few repeats (CI)
+    python benchmarks/e2e.py --device cpu --size half --models llava-1.5-7b qwen2.5-vl-7b
+    python benchmarks/e2e.py --device cpu --size half --layers 4 --models llava-1.5-7b \
+        --new-tokens 1 --repeat 1 --no-write       # smoke test of the half size (LLaVA's encoder
+                                                   # selection reads CLIP layer 5: keep its depth)
 """
 from __future__ import annotations
 
@@ -61,6 +73,7 @@ COLUMNS = ["model", "batch", "schedule", "path", "retention", "prefill_ms", "tot
 _LLAVA15_NO_VE = {64: ((1, 10, 15), (92, 54, 22)), 128: ((1, 10, 15), (218, 128, 54))}
 _LLAVA15_VE = {64: ((16,), (32,), 96)}
 _LLAVA15_TOKENS, _LLAVA15_LAYERS = 576, 32
+_QWEN_LAYERS = 28
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,38 +115,56 @@ def _budget(keep: int | float, n: int) -> int:
     return min(n, keep)
 
 
+def _scaled_layers(layers: tuple[int, ...], published_depth: int, num_layers: int) -> tuple[int, ...] | None:
+    """Stage layers of a ``published_depth``-layer schedule placed in ``num_layers`` layers:
+    scaled and rounded, kept >= 1 and strictly increasing; ``None`` when they do not fit."""
+    out: list[int] = []
+    for layer in layers:
+        scaled = max(1, round(layer * num_layers / published_depth))
+        out.append(max(scaled, out[-1] + 1) if out else scaled)
+    return tuple(out) if out[-1] < num_layers else None
+
+
 def schedules(model: str, visual: int, num_layers: int, retention: float) -> list[Schedule]:
-    """The w/ VE and w/o VE schedules of ``model`` at an average retained fraction ``retention``."""
+    """The w/ VE and w/o VE schedules of ``model`` at an average retained fraction ``retention``.
+
+    ``num_layers`` is the model's depth: the published stage layers (of 32 layers, 28 for
+    Qwen2.5-VL) are scaled to it; a schedule whose stages do not fit is left out.
+    """
     avg = round(retention * _LLAVA15_TOKENS)  # in LLaVA-1.5 tokens: 64 or 128 for the published ones
+    full_depth = _QWEN_LAYERS if model == "qwen2.5-vl-7b" else _LLAVA15_LAYERS
     out = []
     # With encoder-side selection.
     if model == "qwen2.5-vl-7b":
-        published = abs(retention - 1 / 9) < 1e-3
+        published = abs(retention - 1 / 9) < 1e-3 and num_layers == full_depth
         ratio = round(0.167 * retention * 9, 3)  # encoder keeps 16.7% at 11.1%, layer 14 a third of it
-        out.append(Schedule("w/ VE", (14,), (0.333,), ratio, "published" if published else "scaled"))
+        ve = ((14,), (0.333,), ratio, published)
     elif model == "llava-next-7b":
         # The integration's encoder budget is per crop (newline tokens always stay): the
         # LLaVA-1.5 fractions, 96 of each 576-token crop, then a third of those at layer 16.
         layers, keep, enc = _LLAVA15_VE[64]
-        out.append(Schedule("w/ VE", layers, (round(keep[0] / enc, 3),),
-                            round(enc / _LLAVA15_TOKENS * retention * 9, 3), "scaled"))
+        ve = (layers, (round(keep[0] / enc, 3),), round(enc / _LLAVA15_TOKENS * retention * 9, 3), False)
     else:
         layers, keep, enc = _LLAVA15_VE[64]
         factor = retention * 9                   # the published one is the 11.1% point
         scale = visual / _LLAVA15_TOKENS
-        published = model == "llava-1.5-7b" and abs(factor - 1) < 1e-3
-        out.append(Schedule("w/ VE", layers, (max(1, round(keep[0] * factor * scale)),),
-                            max(1, round(enc * factor * scale)), "published" if published else "scaled"))
+        published = model == "llava-1.5-7b" and abs(factor - 1) < 1e-3 and num_layers == full_depth
+        ve = (layers, (max(1, round(keep[0] * factor * scale)),), max(1, round(enc * factor * scale)), published)
+    ve_layers = _scaled_layers(ve[0], full_depth, num_layers)
+    if ve_layers is not None:
+        out.append(Schedule("w/ VE", ve_layers, ve[1], ve[2], "published" if ve[3] else "scaled"))
     # Without: the LLaVA-1.5 budgets (published at 64 and 128 average tokens), scaled to the
     # model's visual tokens and depth so that the average over layers is ``retention``.
     base_layers, base_keep = _LLAVA15_NO_VE[128 if avg >= 96 else 64]
     fractions = [k / _LLAVA15_TOKENS for k in base_keep]
-    layers = tuple(max(1, round(layer * num_layers / _LLAVA15_LAYERS)) for layer in base_layers)
+    layers = _scaled_layers(base_layers, _LLAVA15_LAYERS, num_layers)
+    if layers is None:
+        return out
     spans = [b - a for a, b in zip(layers, layers[1:] + (num_layers,))]
     rest = sum(f * s for f, s in zip(fractions, spans))
     gain = (retention * num_layers - layers[0]) / rest
     keep = tuple(max(1, round(f * gain * visual)) for f in fractions)
-    published = model == "llava-1.5-7b" and avg in _LLAVA15_NO_VE
+    published = model == "llava-1.5-7b" and avg in _LLAVA15_NO_VE and num_layers == _LLAVA15_LAYERS
     if published:
         layers, keep = _LLAVA15_NO_VE[avg]
     out.append(Schedule("w/o VE", layers, keep, None, "published" if published else "scaled"))
@@ -237,8 +268,8 @@ def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int,
         kv = kv_cache_bytes(hf.output_cache(out)) / batch / 2**20
         del out
         kept = kept_counts(model)
-        prefill_ms = harness.time_ms(prefill, warmup=warmup, repeat=repeat, device=device)
-        total_ms = harness.time_ms(generate, warmup=min(warmup, 1), repeat=repeat, device=device)
+        prefill_ms = harness.wall_ms(prefill, warmup=warmup, repeat=repeat, device=device)
+        total_ms = harness.wall_ms(generate, warmup=min(warmup, 1), repeat=repeat, device=device)
         row: dict[str, Any] = {"prefill_ms": prefill_ms, "total_ms": total_ms, "kv_cache_mb": kv}
         if kept is not None:
             row["kept_tokens"] = kept
@@ -257,16 +288,17 @@ def measure(built: vlm_shapes.Built, inputs: dict[str, Any], *, new_tokens: int,
         row["selection_stages"] = kinds
         row["selection_ms_total"] = sum(stages)
         row["selection_share"] = sum(stages) / prefill_ms
+        row["selection_share_stages"] = [ms / prefill_ms for ms in stages]
     return row
 
 
 def run_model(name: str, size: str, device: torch.device, dtype: torch.dtype, args, progress) -> list[dict]:
     from pio_kernels.integrations import apply_pio, remove_pio
 
-    built = vlm_shapes.build(name, size, device, dtype)
+    built = vlm_shapes.build(name, size, device, dtype, layers=args.layers, vision_layers=args.vision_layers)
     rows: list[dict[str, Any]] = []
     base = {"model": name, "size": size, "visual_tokens": built.visual_tokens, "seq_len": built.seq_len,
-            "new_tokens": args.new_tokens, "dtype": str(dtype).replace("torch.", "")}
+            "num_layers": built.num_layers, "new_tokens": args.new_tokens, "dtype": str(dtype).replace("torch.", "")}
     for batch in args.batches:
         inputs = built.make_inputs(batch)
         stock_counts = [built.visual_tokens] * built.num_layers
@@ -359,13 +391,30 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def size_label(size: str, rows: list[dict[str, Any]]) -> str:
+    """What the model shapes of a run are, in words (printed and written beside the rows)."""
+    if size == "tiny":
+        return "widths of a few dozen channels: NOT representative of a GPU or of a real model"
+    depths = sorted({(r["model"], r.get("num_layers")) for r in rows})
+    depth = ", ".join(f"{model} {layers} layers" for model, layers in depths)
+    if size == "half":
+        return f"full 7B widths, about half depth ({depth}; the head tied to the embeddings)"
+    return f"the published 7B shapes ({depth})"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (what CI runs)")
-    parser.add_argument("--models", nargs="+", default=list(vlm_shapes.MODELS), choices=vlm_shapes.MODELS)
+    parser.add_argument("--size", choices=vlm_shapes.SIZES,
+                        help="model shapes (default: full on a GPU, tiny on CPU or with --quick)")
+    parser.add_argument("--layers", type=int, help="language-model depth instead of the size's (smoke tests)")
+    parser.add_argument("--vision-layers", type=int, help="vision-tower depth instead of the size's (smoke tests)")
+    parser.add_argument("--models", nargs="+", choices=vlm_shapes.MODELS,
+                        help="default: all (half size: llava-1.5-7b and qwen2.5-vl-7b)")
     parser.add_argument("--batches", nargs="+", type=int)
-    parser.add_argument("--retentions", nargs="+", type=float, default=[1 / 9, 2 / 9])
+    parser.add_argument("--retentions", nargs="+", type=float,
+                        help="average retained fractions (default 1/9 and 2/9; 1/9 only for the half size)")
     parser.add_argument("--schedules", nargs="+", default=["w/ VE", "w/o VE"], choices=["w/ VE", "w/o VE"])
     parser.add_argument("--paths", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
     parser.add_argument("--new-tokens", type=int)
@@ -387,13 +436,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    small = args.quick or device.type != "cuda"
-    size = "tiny" if small else "full"
-    args.batches = args.batches or ([1, 2] if small else [1, 8])
+    size = args.size or ("tiny" if args.quick or device.type != "cuda" else "full")
+    small = size != "full"
+    half = size == "half"  # minutes per prefill on a CPU: one batch, few repeats
+    args.models = args.models or (["llava-1.5-7b", "qwen2.5-vl-7b"] if half else list(vlm_shapes.MODELS))
+    args.retentions = args.retentions or ([1 / 9] if half else [1 / 9, 2 / 9])
+    args.batches = args.batches or ([1] if half else [1, 2] if small else [1, 8])
     args.reference_batches = args.reference_batches or [min(args.batches)]
     args.new_tokens = args.new_tokens or (4 if small else 8)
-    args.warmup = args.warmup if args.warmup is not None else (1 if small else 2)
-    args.repeat = args.repeat or (3 if small else 5)
+    args.warmup = args.warmup if args.warmup is not None else (0 if half else 1 if small else 2)
+    args.repeat = args.repeat or (2 if half else 3 if small else 5)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
 
     from tqdm import tqdm
@@ -405,8 +457,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in args.models:
             rows += run_model(name, size, device, dtype, args, progress)
 
-    print(f"\ne2e on {harness.device_name(device)}, {size} shapes"
-          + (" (widths of a few dozen channels: NOT representative of a GPU)" if size == "tiny" else ""))
+    print(f"\ne2e on {harness.device_name(device)}, {size} shapes, {str(dtype).replace('torch.', '')}: "
+          + size_label(size, rows))
     harness.print_table([_display(r) for r in rows], COLUMNS)
     errors = [r for r in rows if "error" in r]
     for r in errors:
@@ -414,7 +466,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.no_write:
         tag = args.tag if args.tag is not None else "-".join(
             [size] + ([*args.models] if len(args.models) < len(vlm_shapes.MODELS) else []))
-        extra = {"size": size, "dtype": str(dtype).replace("torch.", ""), "new_tokens": args.new_tokens,
+        extra = {"size": size, "size_label": size_label(size, rows), "dtype": str(dtype).replace("torch.", ""),
+                 "new_tokens": args.new_tokens,
                  "warmup": args.warmup, "repeat": args.repeat, "reference_repeat": args.reference_repeat,
                  "reference_batches": args.reference_batches,
                  "attention": "sdpa, flash first" if device.type == "cuda" else "sdpa (CPU)",

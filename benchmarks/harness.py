@@ -1,9 +1,14 @@
 """Timing and result files shared by every benchmark script.
 
-``time_ms`` takes the median of repeated runs after warm-up: CUDA events on a GPU,
-``time.perf_counter`` on CPU. ``environment()`` is the metadata written beside every
-figure (device name, versions, date); ``write_results`` stores one run as JSON under
-``benchmarks/results/``.
+``time_ms`` times a kernel or a short GPU function the way the field does: on a GPU with
+``triton.testing.do_bench`` (the L2 cache flushed before every timed call, the number of
+calls set by a time budget, the median reported), or its CUDA-graph variant
+(``graph=True``: no launch overhead, for launch-bound sequences); on CPU the median of
+``repeat`` wall-clock runs after ``warmup``. ``wall_ms`` times end-to-end and host-bound work
+(a model's prefill or ``generate``, the reference's host loop) by the wall clock on any
+device, synchronising before and after each call: a given number of calls, no cache flush.
+``environment()`` is the metadata written beside every figure (device name, versions,
+date); ``write_results`` stores one run as JSON under ``benchmarks/results/``.
 """
 from __future__ import annotations
 
@@ -20,26 +25,45 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def time_ms(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, device: torch.device | str = "cpu") -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+def time_ms(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, device: torch.device | str = "cpu",
+            graph: bool = False, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median time of ``fn()`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench(fn, warmup_ms, rep_ms, return_mode="median")`` (L2 flushed
+    before every timed call; ``warmup``/``repeat`` are not used: do_bench sizes both from its
+    own estimate, at least 1 + 5 + 1 + 1 calls), or ``do_bench_cudagraph`` when ``graph``
+    (``fn`` must be capturable; run it once before). Without Triton,
+    ``torch.utils.benchmark.Timer.blocked_autorange``. CPU: the median of ``repeat`` wall-clock
+    runs after ``warmup`` calls.
+    """
     device = torch.device(device)
+    if device.type != "cuda":
+        return wall_ms(fn, warmup=warmup, repeat=repeat, device=device)
+    with torch.cuda.device(device):
+        try:
+            import triton.testing
+        except ImportError:  # no Triton: torch's own benchmark timer (synchronises, no L2 flush)
+            import torch.utils.benchmark as tub
+            return tub.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=rep_ms / 1e3).median * 1e3
+        if graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def wall_ms(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, device: torch.device | str = "cpu") -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeat`` calls after ``warmup`` calls,
+    the device synchronised before and after each (host work and syncs inside ``fn`` count)."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeat):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop))
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
 
 

@@ -28,6 +28,8 @@ RESULTS_DIR = os.path.join(HERE, "results")
 PUBLISHED = {"llava-1.5-7b": (1.27, 1.13), "llava-next-7b": (2.67, 2.11)}
 # Goals of the benchmark issue, batch 1, 11.1% retention: prefill speedup.
 GOALS = {"llava-1.5-7b": 2.5, "llava-next-7b": 4.0}
+# Goals of the half-depth CPU run (issue 11), batch 1, 11.1%: prefill speedup with the encoder side.
+GOALS_HALF = {"llava-1.5-7b": 3.0}
 MODEL_ORDER = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
 
 
@@ -67,6 +69,10 @@ def _is_tiny(run: dict[str, Any]) -> bool:
     return run.get("size") == "tiny"
 
 
+def _is_half(run: dict[str, Any]) -> bool:
+    return run.get("size") == "half"
+
+
 def plot_run(run: dict[str, Any], out_path: str) -> str:
     """One figure for one device: rows = prefill / total speedup, columns = models."""
     import matplotlib
@@ -98,7 +104,7 @@ def plot_run(run: dict[str, Any], out_path: str) -> str:
                         xs, ys = zip(*pts)
                         ax.plot([100 * x for x in xs], ys, color=colors[path], marker=markers[schedule],
                                 linestyle=styles[batch], label=f"{path}, {schedule}, batch {batch}")
-            if model in PUBLISHED and not _is_tiny(run):
+            if model in PUBLISHED and run.get("size") == "full":
                 ax.plot([100 / 9], [PUBLISHED[model][row_idx]], marker="*", color="black", markersize=12,
                         linestyle="none", label="published (SPEC 6)")
             ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -111,6 +117,8 @@ def plot_run(run: dict[str, Any], out_path: str) -> str:
     title = f"pio-kernels end to end on {run.get('device', '?')}"
     if _is_tiny(run):
         title += "\nTINY CPU SHAPES (widths of a few dozen channels): checks the pipeline, not GPU speed"
+    elif _is_half(run):
+        title += f"\nFULL 7B WIDTHS, ABOUT HALF DEPTH ({run.get('dtype', '')}, {run.get('new_tokens', '?')} new tokens)"
     else:
         title += f" ({run.get('dtype', '')}, {run.get('new_tokens', '?')} new tokens)"
     fig.suptitle(title, fontsize=10)
@@ -154,37 +162,49 @@ def e2e_markdown(run: dict[str, Any], png: str | None, all_rows: bool = False) -
         lines.append("> These are **tiny CPU shapes** (same depth and visual-token counts, widths of a few "
                      "dozen channels): they show the pipeline runs end to end, not how fast anything is on a "
                      "GPU. The GPU figures are still to be measured (`make bench` on an H100/H200).")
+    if _is_half(run):
+        lines.append("")
+        lines.append(f"> **Full 7B widths at about half depth** ({run.get('size_label', '')}), on CPU: the "
+                     "published schedules with their stage layers scaled to the depth. Not GPU figures.")
     shown = run["rows"] if all_rows else [r for r in run["rows"] if _near_published(r)]
     lines += ["", ("All rows." if all_rows else "Rows at ~11.1% retention (the published point); every "
                    "retention is in the JSON and the plot.") + " Speedups (x) against the stock row of the same "
               "batch; TFLOPs of the visual tokens per sample (SPEC 6 formula); KV cache per sample; selection "
-              "ms per stage (encoder stage net of the stock vision tower) and its share of the prefill.",
+              "ms per stage (encoder stage net of the stock vision tower) and its share of the reduced prefill, "
+              "per stage and in all.",
               "", "| model | batch | schedule | path | retained | prefill ms | prefill x | total ms | total x | "
-                  "TFLOPs | KV MiB | selection ms per stage | selection share |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TFLOPs | KV MiB | selection ms per stage | share per stage | selection share |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in shown:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['batch']} | {r['schedule']} | {r['path']} | {_f(r.get('retention'))} "
-                         f"| failed: {r['error'][:80]} |||||||||")
+                         f"| failed: {r['error'][:80]} ||||||||||")
             continue
         share = r.get("selection_share")
         lines.append("| " + " | ".join([
             r["model"], str(r["batch"]), r["schedule"], r["path"], f"{100 * r['retention']:.1f}%",
             _f(r.get("prefill_ms")), _f(r.get("prefill_speedup")), _f(r.get("total_ms")),
             _f(r.get("total_speedup")), _f(r.get("tflops")), _f(r.get("kv_cache_mb")),
-            _f(r.get("selection_ms")), "" if share is None else f"{100 * share:.1f}%"]) + " |")
+            _f(r.get("selection_ms")),
+            " / ".join(f"{100 * v:.1f}%" for v in r.get("selection_share_stages") or []),
+            "" if share is None else f"{100 * share:.1f}%"]) + " |")
     if any(isinstance(r.get("selection_ms"), list) and r["selection_ms"] and r["selection_ms"][0] < 0 for r in shown):
         lines += ["", "A negative encoder-stage time is timing noise: the stock tower time it subtracts comes "
                       "from separate runs, and here the tower is most of the stage."]
     if not _is_tiny(run):
-        lines += ["", "Goals at 11.1% retention, batch 1 (issue 7): prefill speedup >= 2.5x (LLaVA-1.5) and "
-                      ">= 4x (LLaVA-NeXT), selection < 5% of the reduced prefill, reference-path selection "
-                      "slower than ours by the factor the kernel benchmarks measured:", ""]
+        if _is_half(run):
+            lines += ["", "Goals at 11.1% retention, batch 1 (issue 11): prefill >= 3x stock (LLaVA-1.5 width, "
+                          "half depth, with the encoder side), selection <= 5% of the reduced prefill:", ""]
+        else:
+            lines += ["", "Goals at 11.1% retention, batch 1 (issue 7): prefill speedup >= 2.5x (LLaVA-1.5) and "
+                          ">= 4x (LLaVA-NeXT), selection < 5% of the reduced prefill, reference-path selection "
+                          "slower than ours by the factor the kernel benchmarks measured:", ""]
         for r in run["rows"]:
             if not (r.get("batch") == 1 and r.get("path") == "ours" and "prefill_speedup" in r
                     and abs(r.get("retention", 0) - 1 / 9) < 0.01):
                 continue
-            goal = GOALS.get(r["model"])
+            goal = (GOALS_HALF.get(r["model"]) if r["schedule"] == "w/ VE" else None) if _is_half(run) \
+                else GOALS.get(r["model"])
             verdict = "" if goal is None else (" (goal met)" if r["prefill_speedup"] >= goal else
                                                f" (goal {goal}x missed by {goal - r['prefill_speedup']:.2f}x)")
             ref = next((x for x in run["rows"] if x.get("path") == "reference" and x.get("batch") == 1
@@ -218,11 +238,12 @@ def markdown(e2e_runs: dict, kernel_runs: dict, pngs: dict, all_rows: bool = Fal
              "Generated by `python benchmarks/plot.py --markdown` from the JSON under `benchmarks/results/` "
              "(every figure carries its device, versions and date). Random-weight models built from configs "
              "(timing does not depend on the weights); speedups are against the stock model in the same run."]
-    gpu = [k for k, run in e2e_runs.items() if not _is_tiny(run)]
+    gpu = [k for k, run in e2e_runs.items() if run.get("size") == "full"]
     if not gpu:
-        lines += ["", "**No GPU figures yet**: everything below was measured on CPU at tiny shapes; the GPU "
-                      "figures (H100/H200, 7B shapes) are still to be measured with `make bench`."]
-    for key, run in sorted(e2e_runs.items(), key=lambda kv: (_is_tiny(kv[1]), kv[0])):
+        lines += ["", "**No GPU figures yet**: everything below was measured on CPU; the GPU figures "
+                      "(H100/H200, 7B shapes) are still to be measured with `make bench` or `make gpu-check`."]
+    order = {"full": 0, "half": 1, "tiny": 2}
+    for key, run in sorted(e2e_runs.items(), key=lambda kv: (order.get(kv[1].get("size"), 3), kv[0])):
         lines += ["", *e2e_markdown(run, pngs.get(key), all_rows)]
     for _, run in sorted(kernel_runs.items()):
         lines += ["", *kernels_markdown(run)]

@@ -3,7 +3,8 @@
 No ``.item()``, no host copy, static shapes: on CUDA it can be captured in a CUDA graph.
 It is the ``"torch"`` backend of :func:`pio_kernels.select_tokens` and the last step of
 the dispatch order (compiled kernel -> Triton -> PyTorch); the Triton path reuses its
-saliency order and output assembly.
+saliency order and output assembly. :func:`block_plan` is the order of work of the two GPU
+paths (CUDA and Triton): the blocks of order positions they resolve one after the other.
 
 Cost per row: the full N x N similarity (``bmm``, fp32, so TF32 only if the caller enabled
 it for matmuls, as for the reference) kept as N^2 bools, then N sequential steps of O(N)
@@ -15,7 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["assemble_output", "saliency_order", "select_tokens"]
+__all__ = ["assemble_output", "block_plan", "saliency_order", "select_tokens"]
+
+# The blocks of order positions the GPU paths (csrc/cuda/select_tokens.cu and
+# pio_kernels/triton/select_tokens.py) resolve one after the other; the CUDA file holds the
+# same numbers (kPrefixPerBudget, ...), and a test reads them from there to check.
+PREFIX_PER_BUDGET = 4     # the first block (the prefix) holds 4 x budget positions,
+PREFIX_MIN = 1024         # at least 1024,
+PREFIX_MAX = 32768        # at most 32768;
+TAIL_BLOCKS = 8           # the rest is cut into about this many blocks,
+TAIL_BLOCK_MAX = 4096     # of at most this many positions (or the prefix's, if larger),
+BLOCK_ALIGN = 64          # a multiple of the 64-position tile.
 
 
 def saliency_order(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -54,6 +65,37 @@ def assemble_output(picked: torch.Tensor, order: torch.Tensor, lengths: torch.Te
     if budget > n:
         kept = torch.cat([kept, kept.new_full((batch, budget - n), -1)], dim=1)
     return kept
+
+
+def block_plan(n: int, budget: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of the blocks of order positions the GPU paths resolve in turn (SPEC 3).
+
+    The first block (the prefix) is where the strict pass usually ends: ``4 x budget``
+    positions, at least 1024, at most 32768, at most ``n``. Under heavy suppression the walk
+    needs more: the remaining positions are cut into at most about ``TAIL_BLOCKS`` blocks of
+    equal size (a multiple of 64, at least the prefix's size unless fewer positions remain,
+    at most ``max(prefix, TAIL_BLOCK_MAX)``). Each later block is resolved by
+    a fixed amount of parallel work: its candidates against the picks so far, the mask
+    within the block, then a scan. The plan depends on ``n`` (the padded N) and ``budget``
+    only, so a GPU path launches a fixed sequence of kernels and never syncs.
+
+    Args:
+        n: tokens per row (N), >= 1. budget: tokens kept per row, >= 1.
+
+    Returns:
+        Blocks covering ``[0, n)`` in order, ``[(0, prefix), (prefix, size), ...]``.
+    """
+    if n < 1 or budget < 1:
+        raise ValueError(f"n and budget must be >= 1, got n={n}, budget={budget}")
+    prefix = min(n, max(PREFIX_PER_BUDGET * min(budget, n), PREFIX_MIN), PREFIX_MAX)
+    blocks = [(0, prefix)]
+    rest = n - prefix
+    if rest > 0:
+        per = -(-rest // TAIL_BLOCKS)
+        per = -(-per // BLOCK_ALIGN) * BLOCK_ALIGN
+        size = min(rest, max(prefix, min(per, TAIL_BLOCK_MAX)))
+        blocks += [(start, min(size, n - start)) for start in range(prefix, n, size)]
+    return blocks
 
 
 def clamp_lengths(lengths: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:

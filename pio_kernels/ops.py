@@ -6,9 +6,16 @@ themselves per device when ``pio_kernels._C`` loads. When the extension was not 
 PyTorch paths, so ``torch.ops.pio.select_tokens`` always exists. ``PIO_NO_EXTENSION=1``
 at import time takes that path on purpose (tests of builds without a compiler).
 
-Dispatch order per device: compiled kernel (C++ / CUDA) -> Triton -> PyTorch.
+Dispatch order of ``select_tokens`` per device (``backend=None``):
+
+- CPU: the compiled C++ kernel, else the PyTorch path (``pio_kernels/nms.py``).
+- CUDA: the compiled CUDA kernel (``csrc/cuda/select_tokens.cu``); where the extension was
+  not built, the Triton path (``pio_kernels/triton/select_tokens.py``, the same block scheme
+  and decisions: a prefix of the saliency order, then bounded blocks), else PyTorch (full
+  N x N similarity and N sequential steps: a last resort).
+
 ``select_tokens(..., backend=...)`` forces one path (tests, benchmarks);
-``available_backends(device)`` lists the paths that can run on a device.
+``available_backends(device)`` lists the paths that can run on a device, in that order.
 """
 from __future__ import annotations
 
@@ -136,10 +143,11 @@ def select_tokens(features: torch.Tensor, scores: torch.Tensor, budget: int, tau
             [0, N] raise ValueError on CPU; on a GPU every path clamps them instead,
             since checking would sync.
         backend: None (default) lets the dispatcher choose: the compiled kernel of the
-            device, else on CUDA the Triton path, else PyTorch. ``"cpp"`` (compiled CPU
-            kernel), ``"cuda"`` (compiled CUDA kernel), ``"triton"`` (CUDA, or CPU under
-            ``TRITON_INTERPRET=1``) or ``"torch"`` (tensor ops on the device, no host
-            sync, ``pio_kernels/nms.py``) force a path; see ``available_backends(device)``.
+            device, else on CUDA the Triton path, else PyTorch (see the module docstring).
+            ``"cpp"`` (compiled CPU kernel), ``"cuda"`` (compiled CUDA kernel), ``"triton"``
+            (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (tensor ops on the
+            device, no host sync, ``pio_kernels/nms.py``) force a path; see
+            ``available_backends(device)``.
 
     Returns:
         (B, budget) int64 (or (budget,) for 2-D input): kept positions in ascending order;

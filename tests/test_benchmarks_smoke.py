@@ -181,3 +181,68 @@ def test_kernels_survives_absent_and_failing_suites(tmp_path, monkeypatch):
     kernels.main(["--device", "cpu", "--results-dir", str(tmp_path), "--tag", "smoke"])
     data = json.loads(next(tmp_path.glob("kernels-*-smoke.json")).read_text())
     assert data["suites"]["saliency"].startswith("failed: RuntimeError: boom") and len(data["rows"]) == 1
+
+
+def test_schedules_follow_the_depth():
+    """Half depth (16 of 32 layers): the published stage layers scaled, the averages kept."""
+    ve, no_ve = e2e.schedules("llava-1.5-7b", 576, 16, 1 / 9)
+    assert (ve.layers, ve.keep, ve.encoder_keep, ve.source) == ((8,), (32,), 96, "scaled")
+    assert no_ve.layers == (1, 5, 8) and no_ve.source == "scaled"
+    for schedule in (ve, no_ve):
+        assert sum(schedule.tokens_per_layer(576, 16)) / (576 * 16) == pytest.approx(1 / 9, abs=0.003)
+    qwen_ve, _ = e2e.schedules("qwen2.5-vl-7b", 576, 10, 1 / 9)
+    assert (qwen_ve.layers, qwen_ve.keep, qwen_ve.encoder_keep) == ((5,), (0.333,), 0.167)
+    # Too shallow for three distinct stages: the w/o VE schedule is left out, w/ VE stays.
+    assert [s.name for s in e2e.schedules("llava-1.5-7b", 576, 2, 1 / 9)] == ["w/ VE"]
+    assert e2e.schedules("llava-1.5-7b", 576, 2, 1 / 9)[0].layers == (1,)
+
+
+def test_half_size_shapes_on_meta(monkeypatch):
+    """The ``half`` size: full 7B widths, the stated depths, a tied head, within ~14 GiB of fp32."""
+    import torch
+    import vlm_shapes
+
+    real = vlm_shapes._instantiate
+    monkeypatch.setattr(vlm_shapes, "_instantiate", lambda cls, config, device, dtype:
+                        real(cls, config, torch.device("meta"), dtype))
+    for name, layers, vision, gib in (("llava-1.5-7b", 16, 24, 13.8), ("qwen2.5-vl-7b", 10, 16, 12.1)):
+        built = vlm_shapes.build(name, "half", "cpu", torch.float32)
+        config = built.model.config
+        assert (built.num_layers, built.hidden, built.visual_tokens) == (layers, 4096 if "llava" in name else 3584, 576)
+        vision_depth = getattr(config.vision_config, "depth", None) or config.vision_config.num_hidden_layers
+        assert vision_depth == vision
+        assert built.model.lm_head.weight is built.model.get_input_embeddings().weight
+        params = {id(p): p.numel() for p in built.model.parameters()}
+        assert sum(params.values()) * 4 / 2**30 == pytest.approx(gib, abs=0.1)
+    small = vlm_shapes.build("qwen2.5-vl-7b", "half", "cpu", torch.float32, layers=2, vision_layers=2)
+    assert small.num_layers == 2 and small.model.config.vision_config.fullatt_block_indexes == [1]
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        vlm_shapes.build("llava-1.5-7b", "half", "cpu", layers=0)
+
+
+def test_nms_benchmark_plumbing(tmp_path, monkeypatch):
+    """benchmarks/nms.py at a tiny shape: every CPU path, both kinds, the JSON and its keys."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import nms as nms_bench
+
+    shapes = {n for _, n, _, _, _ in nms_bench._shapes("gpu-check")}
+    assert shapes == {576, 2880, 16384} and {k for *_, k in nms_bench._shapes("gpu-check")} == {"clustered", "heavy"}
+    assert {b for b, *_ in nms_bench._shapes("gpu-check")} == {1, 8}
+    x, _ = nms_bench._features(1, 300, 64, "cpu", kind="heavy")
+    xn = torch.nn.functional.normalize(x[0].float(), dim=-1)
+    cos = xn @ xn.T
+    distinct = (xn[:, 1:17].abs().sum(1) > 0)
+    assert int(distinct.sum()) == 16 and cos[~distinct][:, ~distinct].min() > 0.9
+    monkeypatch.setattr(nms_bench, "_shapes", lambda preset: [(2, 300, 64, 8, "clustered"), (1, 300, 64, 8, "heavy")])
+    rows = nms_bench.main(["--device", "cpu", "--results-dir", str(tmp_path), "--tag", "smoke"])
+    assert {r["path"] for r in rows} == set(pio_kernels_backends("cpu"))
+    assert all(r["identical"] and r["identical_to"] == "reference" for r in rows)
+    data = json.loads(next(tmp_path.glob("nms-*-smoke.json")).read_text())
+    assert data["benchmark"] == "nms" and len(data["rows"]) == len(rows) and "date" in data
+
+
+def pio_kernels_backends(device):
+    from pio_kernels.ops import available_backends
+
+    return available_backends(device)

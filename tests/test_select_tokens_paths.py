@@ -175,6 +175,30 @@ def test_pairs_just_around_tau(tau, delta):
         assert torch.equal(pio_kernels.select_tokens(x.cuda(), s.cuda(), budget, tau, backend=path).cpu(), want)
 
 
+# A cosine exactly equal to tau suppresses (SPEC 3: ``cos >= tau``), on every path: the
+# cosines here are exact in fp32 (1 * 1 = 1; [3, 4] / 5 = [0.6f, 0.8f], so 1 * 0.6f = 0.6f,
+# which is float(0.6), the fp32 tau every path compares with).
+TAU_EQUALITY = [
+    ([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [3.0, 2.0, 1.0], 2, 1.0, [0, 2]),
+    ([[1.0, 0.0], [3.0, 4.0], [0.0, 1.0]], [3.0, 2.0, 1.0], 2, 0.6, [0, 2]),
+]
+
+
+def _tau_equality_checks(run) -> int:
+    """Runs every TAU_EQUALITY case through ``run(features (1, N, D), scores (1, N), budget, tau)``."""
+    for features, scores, budget, tau, kept in TAU_EQUALITY:
+        x, s = torch.tensor([features]), torch.tensor([scores])
+        got = run(x, s, budget, tau)
+        assert got.cpu().tolist() == [kept], f"cos == tau={tau} must suppress: kept {got.tolist()}, want {[kept]}"
+    return len(TAU_EQUALITY)
+
+
+def test_cosine_equal_to_tau_is_suppressed_on_cpu_paths():
+    assert _tau_equality_checks(reference.select_tokens) == 2
+    for path in cpu_paths():
+        _tau_equality_checks(lambda x, s, k, t: pio_kernels.select_tokens(x, s, k, t, backend=path))
+
+
 def test_backend_argument_errors():
     x, s = torch.randn(1, 5, 3), torch.rand(1, 5)
     with pytest.raises(ValueError, match="backend"):
@@ -255,7 +279,7 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
     import pio_kernels
     from pio_kernels import reference
     from pio_kernels.ops import available_backends
-    from test_select_tokens_paths import _case, _run
+    from test_select_tokens_paths import _case, _run, _tau_equality_checks
     assert "triton" in available_backends("cpu"), available_backends("cpu")
     cases = [
         ((1, 67, 1, 1, torch.float32, False, 0), (1, 2), (0.8,), None),
@@ -264,7 +288,7 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
         ((70, 131, 2, 9, torch.bfloat16, True, 0), (8, 69), (0.8,), (70, 33)),
         ((70, 131, 1, 13, torch.float16, False, 3), (10,), (0.5, 0.95), None),
     ]
-    checked = 0
+    checked = _tau_equality_checks(lambda x, s, k, t: pio_kernels.select_tokens(x, s, k, t, backend="triton"))
     for key, budgets, taus, lengths in cases:
         for budget in budgets:
             for tau in taus:
@@ -280,13 +304,43 @@ def test_triton_interpreter_matches_reference():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "checked 24" in proc.stdout, proc.stdout
+    assert "checked 26" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------- CUDA
 
 def _gpu_paths() -> list[str]:
-    return [p for p in available_backends("cuda") if p in ("cuda", "triton", "torch")]
+    """The CUDA paths, the compiled kernel first; a GPU test with no compiled CUDA kernel fails
+    (it must not pass on the Triton and PyTorch paths alone)."""
+    paths = available_backends("cuda")
+    assert "cuda" in paths, _missing_cuda_kernel()
+    return [p for p in paths if p in ("cuda", "triton", "torch")]
+
+
+def _missing_cuda_kernel() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return (f"the compiled CUDA kernel of select_tokens is missing (available: {available_backends('cuda')}, "
+            f"extension loaded: {pio_kernels.HAS_EXTENSION}, CUDA_HOME: {CUDA_HOME}); rebuild with "
+            "PIO_REQUIRE_EXTENSION=1 pip install --no-deps --no-build-isolation -e . to see why")
+
+
+@cuda
+@needs_gpu
+def test_gpu_has_the_compiled_cuda_kernel():
+    """A failed CUDA build only warns at install time: on a machine with a GPU, fail here."""
+    assert "cuda" in available_backends("cuda"), _missing_cuda_kernel()
+    x, s = torch.randn(2, 40, 8, device="cuda"), torch.rand(2, 40, device="cuda")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("pio::select_tokens", "CUDA")
+    got = pio_kernels.select_tokens(x, s, 5, 0.5)  # the dispatcher's choice: the compiled kernel
+    assert torch.equal(got.cpu(), reference.select_tokens(x.cpu(), s.cpu(), 5, 0.5))
+
+
+@cuda
+@needs_gpu
+def test_gpu_cosine_equal_to_tau_is_suppressed():
+    for path in _gpu_paths():
+        _tau_equality_checks(lambda x, s, k, t: pio_kernels.select_tokens(x.cuda(), s.cuda(), k, t, backend=path))
 
 
 @cuda
