@@ -94,25 +94,12 @@ class Schedule:
 
     def tokens_per_layer(self, visual: int, num_layers: int) -> list[int]:
         """Visual tokens each decoder layer sees (per image), the ``n`` of the FLOP formula."""
-        n = visual if self.encoder_keep is None else _budget(self.encoder_keep, visual)
-        counts, stage = [], 0
-        for layer in range(num_layers):
-            while stage < len(self.layers) and self.layers[stage] == layer:
-                n = _budget(self.keep[stage], n)
-                stage += 1
-            counts.append(n)
-        return counts
+        from pio_kernels.eval.accounting import schedule_tokens_per_layer
+        return schedule_tokens_per_layer(self, visual, num_layers)
 
     def describe(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "keep": list(self.keep), "encoder_keep": self.encoder_keep,
                 "schedule_source": self.source}
-
-
-def _budget(keep: int | float, n: int) -> int:
-    """Same rule as the integrations: an int is a count, a float a fraction rounded half up."""
-    if isinstance(keep, float):
-        return max(1, min(n, int(keep * n + 0.5)))
-    return min(n, keep)
 
 
 def _scaled_layers(layers: tuple[int, ...], published_depth: int, num_layers: int) -> tuple[int, ...] | None:
@@ -173,8 +160,8 @@ def schedules(model: str, visual: int, num_layers: int, retention: float) -> lis
 
 def visual_tflops(counts: list[int], hidden: int, mlp: int) -> float:
     """SPEC section 6: sum over layers of 4nd^2 + 2n^2d + 2ndm, per image, in TFLOPs."""
-    d, m = hidden, mlp
-    return sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in counts) / 1e12
+    from pio_kernels.integrations import visual_flops
+    return visual_flops(counts, hidden, mlp) / 1e12
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from pio_kernels import scoring
 
 from . import engine, hf
 
-__all__ = ["PRESETS", "PioConfig", "PioStats", "apply_pio", "last_selection", "last_stats", "preset", "remove_pio"]
+__all__ = ["PRESETS", "PioConfig", "PioStats", "apply_pio", "last_selection", "last_stats", "preset", "remove_pio",
+           "visual_flops"]
 
 SELECTIONS = ("nms", "topk", "uniform")
 
@@ -232,6 +233,13 @@ def last_selection(model: nn.Module, encoder: bool = False) -> list[torch.Tensor
     return [_visual_rows(prefill, cut) for cut in prefill.cuts[1:]]
 
 
+def visual_flops(tokens_per_layer: list[float], hidden: int, mlp: int) -> float:
+    """FLOPs spent on the visual tokens (SPEC 6): ``sum over layers of 4nd^2 + 2n^2d + 2ndm`` with
+    ``n`` the visual tokens a layer sees, ``d`` the hidden size and ``m`` the MLP width."""
+    d, m = hidden, mlp
+    return float(sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in tokens_per_layer))
+
+
 @dataclass(frozen=True)
 class PioStats:
     """Statistics of the last prefill (``last_stats``), per sample unless said otherwise.
@@ -270,13 +278,10 @@ def last_stats(model: nn.Module) -> PioStats | None:
         rows = cut.index.clamp_min(0)
         per_cut.append((cut.valid & (cut.index >= 0) & (prefill.image_map.gather(1, rows) >= 0)).sum(1))
     counts = torch.stack([per_cut[prefill.cuts.index(prefill.cut_for_layer(i))] for i in range(n_layers)], 1)
-    d = lm.config.hidden_size
-    m = lm.config.intermediate_size
-    n = counts.double()
-    flops = (4 * n * d * d + 2 * n * n * d + 2 * n * d * m).sum(1)
     visual_list = visual.tolist()
     counts_list = counts.tolist()
     retention = [sum(c) / (n_layers * v) if v else 1.0 for c, v in zip(counts_list, visual_list)]
+    flops = [visual_flops(c, lm.config.hidden_size, lm.config.intermediate_size) for c in counts_list]
     return PioStats(visual_tokens=visual_list, tokens_per_layer=counts_list, retention=retention,
-                    visual_flops=flops.tolist(), selection_ms=prefill.stats.selection_ms(),
+                    visual_flops=flops, selection_ms=prefill.stats.selection_ms(),
                     stage_kinds=list(prefill.stats.stage_kinds))

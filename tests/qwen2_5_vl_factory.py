@@ -51,7 +51,13 @@ def make_model(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: i
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = randomise(Qwen2_5_VLForConditionalGeneration(config), seed)
+    return model.to(dtype).eval()
+
+
+def randomise(model, seed: int):
+    """Random weights, norm gains and biases too (a path that ignores them cannot pass)."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -64,7 +70,8 @@ def make_model(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: i
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None
-    return model.to(dtype).eval()
+    return model
+
 
 
 def _sample_tokens(segments, generator):

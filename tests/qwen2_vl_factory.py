@@ -16,26 +16,9 @@ import torch
 
 from qwen2_5_vl_factory import IMAGE, MERGE, PAD, PATCH, TEMPORAL_PATCH, VIDEO, VISION_END, VISION_START, VOCAB
 from qwen2_5_vl_factory import make_inputs as make_qwen2_inputs
+from qwen2_5_vl_factory import randomise
 
 __all__ = ["make_qwen2_inputs", "make_qwen2_vl", "make_qwen3_inputs", "make_qwen3_vl", "randomise"]
-
-
-def randomise(model, seed: int):
-    """Random weights, norm gains and biases too (a path that ignores them cannot pass)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            elif "embed_tokens" in name or "lm_head" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def _set_attention(config, attn: str) -> None:

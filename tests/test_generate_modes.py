@@ -238,6 +238,18 @@ def test_multi_turn_continuation_equals_recomputation(name, new_image):
     torch.testing.assert_close(logits, logits_nc, rtol=1e-4, atol=1e-4)
 
 
+def _step_by_step(model, out, new: torch.Tensor) -> torch.Tensor:
+    """Next-token logits after feeding the last generated token and ``new`` one at a time
+    through a copy of ``out``'s cache (the last generated token is not cached yet)."""
+    cache = copy.deepcopy(hf.output_cache(out))
+    fed = torch.cat([out.sequences[:, -1:], new], dim=1)
+    with torch.no_grad():
+        for t in range(fed.shape[1]):
+            step = model(input_ids=fed[:, t:t + 1], **hf.cache_kwargs(cache), use_cache=True)
+            cache = hf.output_cache(step)
+    return step.logits[:, -1]
+
+
 def test_multi_turn_continuation_equals_step_by_step_decoding():
     """The continued prompt's tokens fed one at a time through the cache give the same next logits."""
     family = FAMILIES["llava-ve"]
@@ -248,15 +260,9 @@ def test_multi_turn_continuation_equals_step_by_step_decoding():
     out = model.generate(**first, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
                          return_dict_in_generate=True)
     new = torch.tensor([[11, 12, 13, 14]])
-    cache_a = hf.output_cache(out)
-    cache_b = copy.deepcopy(cache_a)
-    _, logits = _continue(model, out.sequences, cache_a, new)
-    fed = torch.cat([out.sequences[:, -1:], new], dim=1)  # the last generated token is not cached yet
-    with torch.no_grad():
-        for t in range(fed.shape[1]):
-            step = model(input_ids=fed[:, t:t + 1], **hf.cache_kwargs(cache_b), use_cache=True)
-            cache_b = hf.output_cache(step)
-    torch.testing.assert_close(logits[:, 0], step.logits[:, -1], rtol=1e-4, atol=1e-4)
+    stepped = _step_by_step(model, out, new)
+    _, logits = _continue(model, out.sequences, hf.output_cache(out), new)
+    torch.testing.assert_close(logits[:, 0], stepped, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["qwen", "qwen-ve"])
@@ -269,16 +275,10 @@ def test_qwen_multi_turn_continuation_equals_step_by_step(name):
     out = model.generate(**first, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
                          return_dict_in_generate=True)
     new = torch.tensor([[11, 12, 13, 14]])
-    cache_a = hf.output_cache(out)
-    cache_b = copy.deepcopy(cache_a)
+    stepped = _step_by_step(model, out, new)
     types = torch.cat([first["mm_token_type_ids"], torch.zeros(1, 3 + 4, dtype=torch.long)], dim=1)
-    _, logits = _continue(model, out.sequences, cache_a, new, mm_token_type_ids=types)
-    fed = torch.cat([out.sequences[:, -1:], new], dim=1)  # the last generated token is not cached yet
-    with torch.no_grad():
-        for t in range(fed.shape[1]):
-            step = model(input_ids=fed[:, t:t + 1], **hf.cache_kwargs(cache_b), use_cache=True)
-            cache_b = hf.output_cache(step)
-    torch.testing.assert_close(logits[:, 0], step.logits[:, -1], rtol=1e-4, atol=1e-4)
+    _, logits = _continue(model, out.sequences, hf.output_cache(out), new, mm_token_type_ids=types)
+    torch.testing.assert_close(logits[:, 0], stepped, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------

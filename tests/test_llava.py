@@ -14,38 +14,20 @@ from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, r
 
 pytestmark = pytest.mark.integration
 
-IMAGE = 99
-VOCAB = 100
+from llava_factory import IMAGE, VOCAB
+from llava_factory import make_llava as _llava
+from llava_factory import make_llava_encoder as _llava_encoder
+from llava_factory import pad as _pad
+from llava_factory import pixels as _pixels
+from llava_factory import prompt as _prompt
 
 
-def _llava(layers: int = 4, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=7)  # 4 x 4 = 16 patches
-    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval().to(dtype)
-    return model
+def _enc_prompt(images: int, before=(1, 2, 3), after=(4, 5, 6, 7, 8)) -> list[int]:
+    return _prompt(list(before), images, list(after), tokens=64)
 
 
-def _prompt(text_before: list[int], images: int, text_after: list[int], between: list[int] = (7, 8)) -> list[int]:
-    ids = list(text_before)
-    for i in range(images):
-        if i:
-            ids += list(between)
-        ids += [IMAGE] * 16
-    return ids + list(text_after)
-
-
-def _pixels(n: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 28, 28, generator=g).to(dtype)
+def _enc_pixels(n: int, seed: int = 2) -> torch.Tensor:
+    return _pixels(n, seed=seed, size=56)
 
 
 def _causal(n: int, dtype, device="cpu") -> torch.Tensor:
@@ -160,17 +142,6 @@ def test_cached_decoding_equals_reduced_model_from_scratch(attn, stages):
     prompt_rows = (rows < ids.shape[1]).sum()
     # logits of the last prompt row and of every decoded token, against the same rows from scratch
     torch.testing.assert_close(logits[0], ref[prompt_rows - 1:], rtol=1e-4, atol=1e-4, equal_nan=True)
-
-
-def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[b, sl] = torch.tensor(r)
-        mask[b, sl] = 1
-    return ids, mask
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -431,31 +402,6 @@ def test_split_local_global_and_merge_dropped_rules():
     torch.testing.assert_close(two[0, 0], feats[0, [0, 2]].mean(0))
     torch.testing.assert_close(two[0, 1], feats[0, [1, 3, 4]].mean(0))
     assert torch.equal(merge_dropped(feats, torch.ones(1, 6, dtype=torch.bool), group), feats)
-
-
-def _llava_encoder(attn: str = "sdpa"):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=9, num_attention_heads=4,
-                              image_size=56, patch_size=7)
-    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def _enc_prompt(images: int, before=(1, 2, 3), after=(4, 5, 6, 7, 8)) -> list[int]:
-    ids = list(before)
-    for i in range(images):
-        ids += ([7, 8] if i else []) + [IMAGE] * 64
-    return ids + list(after)
-
-
-def _enc_pixels(n: int, seed: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
 
 
 def _expected_encoder_selection(model, pixels: torch.Tensor, budget: int) -> list[list[int]]:

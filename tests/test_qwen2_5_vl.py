@@ -11,6 +11,7 @@ from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, r
 from pio_kernels.integrations.engine import merge_dropped, resolve_budget, window_global
 from pio_kernels.integrations.models import qwen2_5_vl as qwen
 from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
+from qwen_vl_reference import visual_ids
 
 pytestmark = pytest.mark.integration
 
@@ -124,29 +125,6 @@ def _lm_inputs(model, inputs):
     return embeds, pos, captured["attention_mask"], deltas
 
 
-def _visual_ids(model, inputs):
-    """(B, S) id of the image or video frame of each row, -1 for text: from runs and grids."""
-    ids = inputs["input_ids"]
-    out = torch.full(ids.shape, -1, dtype=torch.long)
-    next_id = 0
-    cfg = model.config
-    for token, key in ((cfg.image_token_id, "image_grid_thw"), (cfg.video_token_id, "video_grid_thw")):
-        sizes = [] if key not in inputs else \
-            [h * w // 4 for t, h, w in inputs[key].tolist() for _ in range(t)]
-        it = iter(sizes)
-        for b in range(ids.shape[0]):
-            s = 0
-            while s < ids.shape[1]:
-                if ids[b, s] == token:
-                    n = next(it)
-                    out[b, s:s + n] = next_id
-                    next_id += 1
-                    s += n
-                else:
-                    s += 1
-    return out
-
-
 def _causal(n, dtype):
     return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
 
@@ -164,7 +142,7 @@ def reference_reduced(model, inputs, layers, keep, *, new_tokens=None, selection
     lm = model.model.language_model
     embeds, pos, mask, deltas = _lm_inputs(model, inputs)
     device = embeds.device
-    vis = _visual_ids(model, inputs).to(device)
+    vis = visual_ids(model, inputs).to(device)
     encoded = None
     if encoder_keep is not None:  # per image: merged features of the kept tokens, kept indices
         encoded = reference_encoder(model, inputs["pixel_values"], inputs["image_grid_thw"],

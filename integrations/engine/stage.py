@@ -218,7 +218,7 @@ def extend_prefill(state, prefill: Prefill, valid: torch.Tensor, new_positions: 
     new_valid = valid[:, s0:]
     ext = Prefill(seq_len=q, image_map=torch.cat([prefill.image_map, torch.full_like(tail, -1)], dim=1),
                   prompt_valid=valid, mask_kind=prefill.mask_kind, static_len=static_len, decided=True,
-                  encoder_ran=prefill.encoder_ran)
+                  encoder_ran=prefill.encoder_ran, encoder_merge=prefill.encoder_merge)
     for i, cut in enumerate(prefill.cuts):
         src = None
         if cut.src is not None:

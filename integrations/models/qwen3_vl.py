@@ -68,11 +68,11 @@ class DeepStack:
         if state.in_probe or self.call is None or level >= len(self.call[2]):
             return None
         _, mask, features = self.call
-        step = state.step
-        if state.pending is None and (step is None or not step.replay):
-            return hf.deepstack_add(hidden, mask, features[level])  # the call's own rows
+        prefill = state.pending  # a prefill pio changes (a replay included); else the call's own rows
+        if prefill is None:
+            return hf.deepstack_add(hidden, mask, features[level])
         cut = state.current_cut(level)
-        stacked, slot_of = self._features(step.prefill if state.pending is None else state.pending)
+        stacked, slot_of = self._features(prefill)
         index = cut.index.to(hidden.device)
         slot = slot_of.to(hidden.device).gather(1, index.clamp_min(0))
         present = (index >= 0) & (slot >= 0)

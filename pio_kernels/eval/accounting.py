@@ -68,9 +68,9 @@ def schedule_retention(config, visual_tokens: int, num_layers: int) -> float:
 
 
 def layer_flops(tokens_per_layer: list[int], hidden: int, mlp: int) -> float:
-    """SPEC section 6: ``sum_l 4 n d^2 + 2 n^2 d + 2 n d m``, in FLOPs."""
-    d, m = hidden, mlp
-    return float(sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in tokens_per_layer))
+    """SPEC section 6: ``sum_l 4 n d^2 + 2 n^2 d + 2 n d m``, in FLOPs (the integrations' formula)."""
+    from pio_kernels.integrations import visual_flops
+    return visual_flops(tokens_per_layer, hidden, mlp)
 
 
 def text_dims(model) -> tuple[int, int, int]:
