@@ -335,6 +335,8 @@ class _LanguageModelHook(_Hook):
         prefill, step = state.pending, state.step
         state.pending = state.step = None
         if prefill is not None:
+            for cut in prefill.cuts:  # prefill-only inputs (masks can be (B, 1, S, S)): decoding builds its own
+                cut.mask = cut.embeddings = None
             if not prefill.decided:  # a replay leaves the prompt's own record as the last prefill
                 state.prefill = prefill
             cache = _output_cache(output, kwargs)
