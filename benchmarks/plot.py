@@ -55,7 +55,11 @@ def group_runs(files: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, A
     for data in sorted(files, key=lambda d: d.get("date", "")):
         key = (data.get("device", "?"), data.get("size", "?"))
         group = groups.setdefault(key, {"rows": [], "files": []})
+        labels = group.get("size_labels", [])
         group.update({k: v for k, v in data.items() if k not in ("rows", "_path")})
+        if data.get("size_label") and data["size_label"] not in labels:
+            labels.append(data["size_label"])
+        group["size_labels"] = labels
         group["rows"] += data.get("rows", [])
         group["files"].append(os.path.relpath(data["_path"], os.path.dirname(HERE)))
     return groups
@@ -164,7 +168,8 @@ def e2e_markdown(run: dict[str, Any], png: str | None, all_rows: bool = False) -
                      "GPU. The GPU figures are still to be measured (`make bench` on an H100/H200).")
     if _is_half(run):
         lines.append("")
-        lines.append(f"> **Full 7B widths at about half depth** ({run.get('size_label', '')}), on CPU: the "
+        label = "; ".join(run.get("size_labels") or [run.get("size_label", "")])
+        lines.append(f"> **Full 7B widths at about half depth** ({label}), on CPU: the "
                      "published schedules with their stage layers scaled to the depth. Not GPU figures.")
     shown = run["rows"] if all_rows else [r for r in run["rows"] if _near_published(r)]
     lines += ["", ("All rows." if all_rows else "Rows at ~11.1% retention (the published point); every "
