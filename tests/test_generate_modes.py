@@ -161,6 +161,11 @@ def test_pruned_beams_and_returned_sequences_equal_uncached(name, mode):
     family = FAMILIES[name]
     model = _model(family)
     inputs = family.inputs("padded")
+    stock, stock_nc = _run(model, inputs, mode)[0], _run(model, inputs, mode, use_cache=False)[0]
+    if not torch.equal(stock, stock_nc):  # the yardstick: the stock model's own behaviour
+        import transformers
+        pytest.skip(f"transformers {transformers.__version__}: {mode} without a cache differs from cached in the "
+                    "stock model too")
     apply_pio(model, family.pruned)
     seq, logits = _run(model, inputs, mode)
     seq_nc, logits_nc = _run(model, inputs, mode, use_cache=False)

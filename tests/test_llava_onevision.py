@@ -11,6 +11,8 @@ from pio_kernels.integrations import PioConfig, last_selection
 from pio_kernels.integrations.engine import resolve_budget
 from pio_kernels.integrations.models.llava_onevision import LlavaOnevisionAdapter
 
+pytestmark = pytest.mark.integration
+
 # An anyres image; an anyres image and a 2-frame video; two images in one sample (base crops only).
 SAMPLES = [[3, ("image", 0), 5], [2, ("image", 1), 2, ("video", 2), 3]]
 MULTI = [[3, ("image", 2), 4], [2, ("image", 0), 1, ("image", 1), 3, ("video", 2), 2]]

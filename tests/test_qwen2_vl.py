@@ -12,6 +12,8 @@ from pio_kernels.integrations.models import qwen2_vl
 from qwen2_vl_factory import IMAGE, make_qwen2_inputs, make_qwen2_vl
 from qwen_vl_reference import family, reference_encoder
 
+pytestmark = pytest.mark.integration
+
 # Several images of different sizes (6, 6 and 1 tokens), and a 2-frame video (4 tokens a frame).
 SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6, (2, 4, 4), 2]]
 _MODELS: dict = {}

@@ -17,7 +17,8 @@ from pio_kernels.integrations.models import qwen2_vl
 from qwen2_vl_factory import IMAGE, VIDEO, make_qwen3_inputs, make_qwen3_vl
 from qwen_vl_reference import family, reference_encoder
 
-pytestmark = pytest.mark.filterwarnings("ignore:proxy_saliency. no exact fast path:RuntimeWarning")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.filterwarnings("ignore:proxy_saliency. no exact fast path:RuntimeWarning")]
 
 # Several images (6, 6 and 1 tokens) and a 2-frame video (4 tokens a frame, a timestamp before each).
 SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6, (2, 4, 4), 2]]

@@ -19,6 +19,8 @@ import torch
 import pio_kernels
 from pio_kernels import reference
 
+pytestmark = pytest.mark.integration
+
 
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
