@@ -63,3 +63,16 @@ def pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, sl] = torch.tensor(r)
         mask[b, sl] = 1
     return ids, mask
+
+
+def eager_tower_attentions(model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The full attention maps of every layer of the model's vision tower, run eager."""
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            return tower(pixels, output_attentions=True, return_dict=True).attentions
+    finally:
+        tower.config._attn_implementation = impl
+

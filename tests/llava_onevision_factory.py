@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from llava_factory import eager_tower_attentions
+
 from pio_kernels.integrations.engine import resolve_budget, split_local_global
 from vlm_checks import Family, Rows, capture_lm_call, merge_literal
 
@@ -150,14 +152,7 @@ def visual_ids(model, inputs) -> torch.Tensor:
 def tower_received_attention(model, pixels: torch.Tensor, layers: tuple[int, int]) -> list[torch.Tensor]:
     """Per layer of ``layers``: (crops, N) the attention each patch receives, averaged over heads and
     queries, from the full maps the eager tower materialises."""
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            maps = tower(pixels, output_attentions=True, return_dict=True).attentions
-    finally:
-        tower.config._attn_implementation = impl
+    maps = eager_tower_attentions(model, pixels)
     return [maps[layer].mean(1).mean(1) for layer in layers]
 
 

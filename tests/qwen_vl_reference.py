@@ -63,8 +63,9 @@ def visual_ids(model, inputs) -> torch.Tensor:
 
 
 def eager_attention_weights(visual, pixel_values: torch.Tensor, grid: torch.Tensor, blocks) -> dict[int, list]:
-    """``{block: [(H, n, n) float32 per attention segment]}``: the attention weights the Qwen-family
-    vision tower ``visual`` materialises at ``blocks`` when it runs eager attention."""
+    """``({block: [(H, n, n) float32 per attention segment]}, output)``: the attention weights the
+    Qwen-family vision tower ``visual`` materialises at ``blocks`` when it runs eager attention,
+    and the tower's output."""
     module = sys.modules[type(visual.blocks[0].attn).__module__]
     original = module.eager_attention_forward
     current, weights = {}, {block: [] for block in blocks}
@@ -82,20 +83,20 @@ def eager_attention_weights(visual, pixel_values: torch.Tensor, grid: torch.Tens
     module.eager_attention_forward = recording
     try:
         with torch.no_grad():
-            visual(pixel_values, grid_thw=grid)
+            out = visual(pixel_values, grid_thw=grid)
     finally:
         module.eager_attention_forward = original
         visual.config._attn_implementation = impl
         for handle in handles:
             handle.remove()
-    return weights
+    return weights, out
 
 
 def tower_column_means(model, pixel_values: torch.Tensor, grid: torch.Tensor, blocks) -> list[torch.Tensor]:
     """Per block of ``blocks``: (merged tokens,) the attention each merged token's patches receive,
     averaged over heads, over the queries of their frame and over the 2 x 2 patches (the tower's
     blocks run in output order: no windows)."""
-    weights = eager_attention_weights(model.model.visual, pixel_values, grid, blocks)
+    weights, _ = eager_attention_weights(model.model.visual, pixel_values, grid, blocks)
     return [torch.cat([w.mean(0).mean(0) for w in weights[block]]).view(-1, MERGED).mean(1) for block in blocks]
 
 

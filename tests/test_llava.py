@@ -14,7 +14,7 @@ from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, r
 
 pytestmark = pytest.mark.integration
 
-from llava_factory import IMAGE, VOCAB
+from llava_factory import IMAGE, VOCAB, eager_tower_attentions
 from llava_factory import make_llava as _llava
 from llava_factory import make_llava_encoder as _llava_encoder
 from llava_factory import pad as _pad
@@ -406,14 +406,7 @@ def test_split_local_global_and_merge_dropped_rules():
 
 def _expected_encoder_selection(model, pixels: torch.Tensor, budget: int) -> list[list[int]]:
     """Kept patches per image from full eager attention maps (the literal SPEC 4 recipe)."""
-    tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            maps = tower(pixels, output_attentions=True, return_dict=True).attentions
-    finally:
-        tower.config._attn_implementation = impl
+    maps = eager_tower_attentions(model, pixels)
     shallow = maps[5][:, :, 0, 1:].mean(1)          # layer 5
     deep = maps[len(maps) - 2][:, :, 0, 1:].mean(1)  # the layer producing hidden_states[-2]
     out = []

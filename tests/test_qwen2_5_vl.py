@@ -11,7 +11,7 @@ from pio_kernels.integrations import PioConfig, apply_pio, hf, last_selection, r
 from pio_kernels.integrations.engine import merge_dropped, resolve_budget, window_global
 from pio_kernels.integrations.models import qwen2_5_vl as qwen
 from qwen2_5_vl_factory import IMAGE, make_inputs, make_model
-from qwen_vl_reference import visual_ids
+from qwen_vl_reference import eager_attention_weights, visual_ids
 
 pytestmark = pytest.mark.integration
 
@@ -466,30 +466,8 @@ def test_cuda_bf16_flash_sdpa_single_sample(encoder_keep):
 def _reference_tower_scores(model, pixel_values, grid_thw, blocks):
     """Column means of the attention at ``blocks``, from materialised eager attention weights,
     in the tower's output order (the permutation recovered by matching merger rows)."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
     visual = model.model.visual
-    current, weights = {}, {b: [] for b in blocks}
-    original = mq.eager_attention_forward
-
-    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        out, w = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        if current.get("block") in weights:
-            weights[current["block"]].append(w[0].float())  # (H, n, n) of one segment
-        return out, w
-
-    handles = [blk.register_forward_pre_hook(lambda m, a, i=i: current.update(block=i))
-               for i, blk in enumerate(visual.blocks)]
-    impl = visual.config._attn_implementation
-    visual.config._attn_implementation = "eager"
-    mq.eager_attention_forward = recording
-    try:
-        with torch.no_grad():
-            out = visual(pixel_values, grid_thw=grid_thw)
-    finally:
-        mq.eager_attention_forward = original
-        visual.config._attn_implementation = impl
-        for h in handles:
-            h.remove()
+    weights, out = eager_attention_weights(visual, pixel_values, grid_thw, blocks)
     with torch.no_grad():
         window_order = visual.merger(out.last_hidden_state)
     pooled = out.pooler_output
