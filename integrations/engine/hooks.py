@@ -39,7 +39,7 @@ from torch import nn
 from .. import hf
 from . import encoder as encoder_side
 from .adapter import Adapter
-from .masks import build_attention_mask
+from .masks import all_valid, build_attention_mask
 from .stage import cut_inputs, extend_prefill, gather_rows, run_stage, step_inputs
 from .state import Cut, PioState, Prefill, Step, VisionRun, time_mark
 
@@ -153,6 +153,10 @@ class _ProbeHook(_Hook):
         run = state.run
         if run is None:
             return None
+        if torch.compiler.is_compiling():  # traced with the tower; not timed (a clock read breaks the graph)
+            with torch.no_grad():
+                run.maps[self.key] = state.adapter.encoder_probe(state.model, self.key, module, args, kwargs)
+            return None
         device = next(iter(module.parameters())).device
         start = time_mark(device)
         with torch.no_grad():
@@ -212,6 +216,7 @@ class _LanguageModelHook(_Hook):
         return self._continuation(kwargs, hidden, cache, call, runs)
 
     # a new prompt -------------------------------------------------------------------------
+    @torch.compiler.disable  # data-dependent selection: one graph break, not one per host read
     def _prefill(self, module, kwargs, hidden, cache, call, runs):
         state, adapter, model = self.state, self.state.adapter, self.state.model
         if call is None:
@@ -335,18 +340,25 @@ class _LanguageModelHook(_Hook):
         prefill, step = state.pending, state.step
         state.pending = state.step = None
         if prefill is not None:
-            for cut in prefill.cuts:  # prefill-only inputs (masks can be (B, 1, S, S)): decoding builds its own
-                cut.mask = cut.embeddings = None
-            if not prefill.decided:  # a replay leaves the prompt's own record as the last prefill
-                state.prefill = prefill
-            cache = _output_cache(output, kwargs)
-            if cache is not None:
-                cache.__dict__[_RECORD] = prefill
-                layers = len(state.adapter.language_model(state.model).layers)
-                hf.report_caller_lengths(cache, [prefill.seq_len - prefill.cut_for_layer(i).width
-                                                 for i in range(layers)])
-            return self._scatter(output, prefill, prefill.cuts[-1].index, prefill.seq_len)
+            return self._end_prefill(prefill, kwargs, output)
         return None
+
+    @torch.compiler.disable
+    def _end_prefill(self, prefill: Prefill, kwargs, output):
+        """Records the prefill on its cache (which then reports the caller's numbering) and
+        returns the output on the caller's rows."""
+        state = self.state
+        for cut in prefill.cuts:  # prefill-only inputs (masks can be (B, 1, S, S)): decoding builds its own
+            cut.mask = cut.embeddings = None
+        if not prefill.decided:  # a replay leaves the prompt's own record as the last prefill
+            state.prefill = prefill
+        cache = _output_cache(output, kwargs)
+        if cache is not None:
+            cache.__dict__[_RECORD] = prefill
+            layers = len(state.adapter.language_model(state.model).layers)
+            hf.report_caller_lengths(cache, [prefill.seq_len - prefill.cut_for_layer(i).width
+                                             for i in range(layers)])
+        return self._scatter(output, prefill, prefill.cuts[-1].index, prefill.seq_len)
 
     def _scatter(self, output, prefill: Prefill, index: torch.Tensor, length: int):
         """Puts the last hidden state back onto the caller's ``length`` rows (NaN where dropped)."""
@@ -414,7 +426,7 @@ def _lm_mask(prefill: Prefill, template, kv_valid: torch.Tensor, q: int, dtype: 
     """The mask handed to the language model for the rows of ``cuts[0]``: a 2-D padding mask
     where the caller gave one (the model builds its own), else the layers' 4-D mask."""
     if template is None or (not isinstance(template, dict) and template.dim() == 2):
-        if prefill.static_len is None and bool(kv_valid.all()):
+        if prefill.static_len is None and all_valid(kv_valid):
             return None
         return kv_valid.long()
     return hf.layer_mask_like(template, build_attention_mask(prefill.mask_kind, kv_valid, q, dtype,

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_attention_mask"]
+__all__ = ["build_attention_mask", "all_valid"]
+
+
+def all_valid(valid: torch.Tensor) -> bool:
+    """Whether every entry of ``valid`` is true, read on the host, so that no mask need be built.
+
+    While ``torch.compile`` traces, answers ``False`` without reading: a mask is then always
+    built (the same attention, with no data-dependent branch to break the graph on).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool(valid.all())
 
 
 def build_attention_mask(kind: str, kv_valid: torch.Tensor, q: int, dtype: torch.dtype,
@@ -33,7 +44,7 @@ def build_attention_mask(kind: str, kv_valid: torch.Tensor, q: int, dtype: torch
     device = kv_valid.device
     if total is not None and total > kv:
         kv_valid = torch.cat([kv_valid, kv_valid.new_zeros(batch, total - kv)], dim=1)
-    elif total is None and kind != "additive" and bool(kv_valid.all()):
+    elif total is None and kind != "additive" and all_valid(kv_valid):
         if kind == "2d" or q == kv or q == 1:
             return None
     if kind == "2d":

@@ -167,6 +167,7 @@ def cut_rows(state, prefill: Prefill, prev: Cut, layer_idx: int, keep: torch.Ten
     return cut, hidden
 
 
+@torch.compiler.disable  # data-dependent selection: one graph break under torch.compile
 def run_stage(state, prefill: Prefill, layer, stage: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Selects before ``layer`` (stage ``stage``), appends the new cut; returns the hidden states it keeps."""
     config = state.config
