@@ -66,9 +66,9 @@ QUICK = Shape("quick", "qwen2_5_vl", 256, 4, 2, 512, 1000, 80, 64, 6, 8)
 def build_stage(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """(layer, final_norm, lm_head, hidden_states, (cos, sin), visual slice) with random weights."""
     torch.manual_seed(seed)
-    common = dict(hidden_size=shape.hidden, intermediate_size=shape.mlp, num_attention_heads=shape.heads,
-                  num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab, num_hidden_layers=1,
-                  rms_norm_eps=1e-6)
+    common = dict(attn_implementation="sdpa", hidden_size=shape.hidden, intermediate_size=shape.mlp,
+                  num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                  num_hidden_layers=1, rms_norm_eps=1e-6)
     s = shape.seq_len
     visual = slice(shape.visual_start, shape.visual_start + shape.visual)
     text_pos = torch.arange(s)
@@ -76,7 +76,6 @@ def build_stage(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         from transformers import LlamaConfig
         from transformers.models.llama import modeling_llama as m
         cfg = LlamaConfig(**common)
-        cfg._attn_implementation = "sdpa"
         layer, norm, rotary = m.LlamaDecoderLayer(cfg, 0), m.LlamaRMSNorm(shape.hidden, 1e-6), m.LlamaRotaryEmbedding(cfg)
         position_ids = text_pos[None]
     elif shape.family == "qwen2_5_vl":
@@ -86,7 +85,6 @@ def build_stage(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         section = [half - 2 * (half // 3), half // 3, half // 3]
         cfg = Qwen2_5_VLTextConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                               "mrope_section": section})
-        cfg._attn_implementation = "sdpa"
         layer, norm, rotary = m.Qwen2_5_VLDecoderLayer(cfg, 0), m.Qwen2_5_VLRMSNorm(shape.hidden, 1e-6), \
             m.Qwen2_5_VLRotaryEmbedding(cfg)
     else:  # Qwen3-VL text layer: per-head q/k RMSNorms, interleaved M-RoPE (the 8B model's sections)
@@ -96,7 +94,6 @@ def build_stage(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         section = [24, 20, 20] if head_dim == 128 else [head_dim // 2 - 2 * (head_dim // 6)] + [head_dim // 6] * 2
         cfg = Qwen3VLTextConfig(**common, head_dim=head_dim, rope_parameters={
             "rope_type": "default", "rope_theta": 5e6, "mrope_section": section, "mrope_interleaved": True})
-        cfg._attn_implementation = "sdpa"
         layer, norm, rotary = m.Qwen3VLTextDecoderLayer(cfg, 0), m.Qwen3VLTextRMSNorm(shape.hidden, 1e-6), \
             m.Qwen3VLTextRotaryEmbedding(cfg)
     if shape.family != "llama":

@@ -79,11 +79,11 @@ def build(name: str, size: str = "full", device: torch.device | str = "cpu",
 
 
 def _instantiate(cls, config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = cls._from_config(config, dtype=dtype)
+    from pio_kernels.integrations import hf
+
+    model = hf.build_model(cls, config, attn_implementation="sdpa", dtype=dtype, device=device)
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model
 
 
 def _text_ids(batch: int, length: int, seed: int, vocab_hi: int, device: torch.device) -> torch.Tensor:

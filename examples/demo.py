@@ -95,9 +95,8 @@ def tiny_llava(image_path: str, device: torch.device, seed: int = 0) -> Prepared
                 num_attention_heads=4, num_key_value_heads=4, vocab_size=32064, max_position_embeddings=2048)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(config).to(device).eval()
+    model = hf.build_model(LlavaForConditionalGeneration, config, attn_implementation="sdpa").to(device)
     processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     pixels = processor(images=Image.open(image_path).convert("RGB"), return_tensors="pt")["pixel_values"]
     g = torch.Generator().manual_seed(seed)

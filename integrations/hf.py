@@ -37,8 +37,9 @@ What is assumed, and where it differs between releases:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -169,6 +170,32 @@ def reported_offsets(cache) -> list[int] | None:
 def attention_implementation(config) -> str | None:
     """The attention implementation a model config selects (``eager``, ``sdpa``, ...)."""
     return getattr(config, "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def attention_implementation_as(config, impl: str) -> Iterator[None]:
+    """Runs the modules reading ``config`` with attention implementation ``impl`` for the duration
+    of the block (the attention modules read it at each call); restored after it. Another thread
+    running the same model meanwhile would see the switch. A ``None`` config is left alone."""
+    old = attention_implementation(config)
+    if config is None or old == impl:
+        yield
+        return
+    config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def build_model(cls, config, *, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> nn.Module:
+    """A model of class ``cls`` with random weights from ``config`` (no checkpoint), built on
+    ``device`` in ``dtype`` with attention implementation ``attn_implementation``, in eval mode."""
+    config._attn_implementation = attn_implementation
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    return model.eval()
 
 
 def mask_kind(impl: str | None) -> str:

@@ -97,19 +97,14 @@ def _sdpa_attention(layer: nn.Module) -> Iterator[None]:
       flash, which refuses a mask) around us.
 
     The switch is the layer config's attention implementation, set for the duration of the
-    call and restored after it (another thread running the same model meanwhile would see it).
+    call and restored after it (another thread running the same model meanwhile would see it),
+    through the module that owns every transformers convention.
     """
+    from pio_kernels.integrations import hf  # imported here: the integrations import this module
+
     config = getattr(getattr(layer, "self_attn", None), "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    switch = config is not None and impl != "sdpa"
-    if switch:
-        config._attn_implementation = "sdpa"
-    try:
-        with torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS):
-            yield
-    finally:
-        if switch:
-            config._attn_implementation = impl
+    with hf.attention_implementation_as(config, "sdpa"), torch.nn.attention.sdpa_kernel(_ALL_SDPA_BACKENDS):
+        yield
 
 
 def proxy_saliency(layer: nn.Module, final_norm: nn.Module, lm_head: nn.Linear, hidden_states: torch.Tensor,

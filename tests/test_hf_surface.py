@@ -94,6 +94,28 @@ def test_key_validity_reads_every_mask_format():
     assert torch.equal(hf.key_validity(None, 2, 4, 4, "cpu")[0], torch.ones(2, 4, dtype=torch.bool))
 
 
+def test_attention_modules_read_the_implementation_from_the_config_at_each_call():
+    """``attention_implementation_as`` switches what an attention module runs (the reference
+    probe runs SDPA this way inside an eager model) and restores it; ``build_model`` sets it."""
+    from transformers import LlamaConfig, LlamaModel
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50)
+    model = hf.build_model(LlamaModel, config, attn_implementation="eager")
+    assert hf.attention_implementation(model.config) == "eager" and not model.training
+    ids = torch.tensor([[1, 2, 3, 4]])
+
+    def weights():  # the attention weights the first layer's attention returns (eager only)
+        with torch.no_grad():
+            embeddings = hf.rotary(model, torch.zeros(1, 4, 32), torch.arange(4)[None])
+            return model.layers[0].self_attn(model.embed_tokens(ids), embeddings, attention_mask=None)[1]
+
+    assert weights() is not None
+    with hf.attention_implementation_as(model.config, "sdpa"):
+        assert hf.attention_implementation(model.config) == "sdpa"
+        assert weights() is None
+    assert hf.attention_implementation(model.config) == "eager" and weights() is not None
+
+
 def test_rotary_embedding_returns_cos_sin_per_position():
     model = _llama()
     hidden = torch.zeros(2, 5, 32)
