@@ -121,6 +121,12 @@ class PioConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))
 
+    def keeps_everything(self) -> bool:
+        """Whether every budget is the full fraction (``1.0``; ``encoder_keep`` None or ``1.0``), so
+        that no token is dropped whatever the prompt (int budgets depend on the image's size)."""
+        full = self.keep + ((self.encoder_keep,) if self.encoder_keep is not None else ())
+        return all(isinstance(k, float) and k >= 1.0 for k in full)
+
 
 # Schedules by name (SPEC section 1; budgets are per image): the published ones first, then ours.
 # Their retention by the SPEC accounting: pio_kernels.eval.schedules (``pio-eval presets``).

@@ -188,6 +188,40 @@ def attention_implementation_as(config, impl: str) -> Iterator[None]:
         config._attn_implementation = old
 
 
+@contextlib.contextmanager
+def outputs_not_recorded() -> Iterator[None]:
+    """Runs the block with transformers' output capturing inactive: modules called in it (the
+    saliency probe's MLP, whose MoE router a surrounding ``output_router_logits`` call would
+    record) add nothing to the caller's ``hidden_states`` / ``attentions`` / ``router_logits``.
+
+    The collector is a context variable of ``transformers.utils.output_capturing`` (5.17 to
+    5.24); it is set to ``None`` for the block and reset with its token after it. While a
+    surrounding call is being traced by ``torch.compile`` transformers keeps it as a plain
+    global instead, which is left alone here (pio's stages run outside the traced graph).
+    """
+    from transformers.utils import output_capturing
+
+    collector = output_capturing._active_collector
+    if getattr(collector, "compiling", False) or collector.get() is None:
+        yield
+        return
+    token = collector.context_var.set(None)
+    try:
+        yield
+    finally:
+        collector.context_var.reset(token)
+
+
+def router_logits_requested(model, kwargs: dict) -> bool:
+    """Whether a forward of ``model`` records MoE router logits (``output_router_logits`` in the
+    call, else in the text config)."""
+    flag = kwargs.get("output_router_logits")
+    if flag is None:
+        config = getattr(model.config, "text_config", model.config)
+        flag = getattr(config, "output_router_logits", False)
+    return bool(flag)
+
+
 def build_model(cls, config, *, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None) -> nn.Module:
     """A model of class ``cls`` with random weights from ``config`` (no checkpoint), built on

@@ -116,6 +116,30 @@ def test_attention_modules_read_the_implementation_from_the_config_at_each_call(
     assert hf.attention_implementation(model.config) == "eager" and weights() is not None
 
 
+@pytest.mark.parametrize("suspended", [True, False])
+def test_modules_called_inside_outputs_not_recorded_add_no_captured_outputs(suspended):
+    """Output capturing records every call of a decoder layer while the model's forward runs; a
+    layer called by a hook inside ``outputs_not_recorded`` adds nothing (outside it, it does:
+    the check can fail)."""
+    import contextlib
+    model = _llama(layers=2)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = len(model(input_ids=ids, output_hidden_states=True).hidden_states)
+
+    def hook(layer, args, kwargs):
+        with hf.outputs_not_recorded() if suspended else contextlib.nullcontext():
+            model.layers[0](*args, **kwargs)
+
+    handle = model.layers[1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got = len(model(input_ids=ids, output_hidden_states=True).hidden_states)
+    finally:
+        handle.remove()
+    assert (got == want) == suspended, (got, want)
+
+
 def test_rotary_embedding_returns_cos_sin_per_position():
     model = _llama()
     hidden = torch.zeros(2, 5, 32)

@@ -2,8 +2,8 @@
 against the from-scratch reduced model of :mod:`vlm_checks`, DeepStack included.
 
 The tiny model adds DeepStack features after its decoder layers 0, 1 and 2 (of 4), so stages at
-layers 1 and 2 run inside the DeepStack layers. Its decoder layers have q/k norms: the saliency
-takes the reference path (with a warning) until the fast path models them.
+layers 1 and 2 run inside the DeepStack layers. Its decoder layers have q/k norms, which the fast
+saliency path models (an unmodelled layer would take the reference path with a warning: an error here).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from qwen2_vl_factory import IMAGE, VIDEO, make_qwen3_inputs, make_qwen3_vl
 from qwen_vl_reference import family, reference_encoder
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.filterwarnings("ignore:proxy_saliency. no exact fast path:RuntimeWarning")]
+              pytest.mark.filterwarnings("error:proxy_saliency. no exact fast path:RuntimeWarning")]
 
 # Several images (6, 6 and 1 tokens) and a 2-frame video (4 tokens a frame, a timestamp before each).
 SAMPLES = [[3, (4, 6), 5], [2, (6, 4), 2, (2, 2), 6, (2, 4, 4), 2]]
@@ -125,6 +125,26 @@ def test_moe_variant():
     checks.check_full_budget_is_stock(model, inputs, encoder=True)
     checks.check_prefill_matches_reference(model, FAMILY, inputs, [1, 3], [0.5, 0.34], 0.5)
     checks.check_cached_decode_matches_reference(model, FAMILY, inputs, [2], [0.5], None)
+
+
+def test_moe_router_logits_at_full_budget_are_stock_and_refused_when_pruning():
+    """The probe's MLP call routes its loss rows through the MoE router: those must not reach the
+    caller's ``router_logits`` (full budget = stock, aux loss included). With pruning, the layers
+    after a stage route fewer rows, which the stock load-balancing loss cannot take: refused."""
+    model = _model(moe=True)
+    inputs = make_qwen3_inputs(SAMPLES, seed=5)
+    with torch.no_grad():
+        want = model(**inputs, output_router_logits=True)
+    with checks.pio(model, PioConfig(layers=[1, 3], keep=[1.0, 1.0], encoder_keep=1.0)):
+        with torch.no_grad():
+            got = model(**inputs, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits)
+    for a, b in zip(got.router_logits, want.router_logits):
+        assert torch.equal(a, b)
+    assert torch.equal(got.aux_loss, want.aux_loss) and torch.equal(got.logits, want.logits)
+    with checks.pio(model, PioConfig(layers=[1], keep=[0.5])):
+        with pytest.raises(NotImplementedError, match="output_router_logits"):
+            model(**inputs, output_router_logits=True)
 
 
 def test_merge_dropped_values_follow_the_features_assignment():

@@ -173,6 +173,11 @@ class _TopHook(_Hook):
     predicting row was dropped; the caller's tensor is never written."""
 
     def __call__(self, module, args, kwargs):
+        if hf.router_logits_requested(module, kwargs) and not self.state.config.keeps_everything():
+            raise NotImplementedError(
+                "pio with a pruning schedule does not support output_router_logits=True: the layers after a "
+                "stage route fewer rows than the prompt has, which the model's load-balancing loss cannot "
+                "take; call without it (or with a full budget: keep=[1.0, ...], encoder_keep None or 1.0)")
         labels = kwargs.get("labels")
         if labels is None:
             return None

@@ -22,6 +22,7 @@ import torch
 import pio_kernels
 from pio_kernels import scoring
 
+from .. import hf
 from .masks import build_attention_mask
 from .state import Cut, Prefill, Step
 
@@ -181,7 +182,7 @@ def run_stage(state, prefill: Prefill, layer, stage: int, hidden: torch.Tensor, 
     all_valid = bool(valid.all())
     state.in_probe = True  # a rule may run ``layer`` itself (the reference probe): its hook stands aside
     try:
-        with torch.profiler.record_function("pio::score"):
+        with torch.profiler.record_function("pio::score"), hf.outputs_not_recorded():
             scores = _score(state, layer, hidden, prev.embeddings, valid, ids, all_valid)
     finally:
         state.in_probe = False
