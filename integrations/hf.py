@@ -30,10 +30,14 @@ What is assumed, and where it differs between releases:
   features pass through ``get_image_features``, which :func:`image_feature_owner` names.
 * **Rotary embeddings.** ``language_model.rotary_emb(hidden, position_ids)`` returns
   ``(cos, sin)``; :func:`rotary`.
-* **Output capturing.** Hidden states and attentions are recorded by forward hooks on the
-  decoder layers and attention modules; pio's probe calls ``layer.forward`` directly and runs
-  attention through SDPA (see ``pio_kernels.reference``), so nothing here touches the
-  collector.
+* **Output capturing.** Hidden states, attentions and MoE router logits are recorded by forward
+  hooks on the decoder layers, attention modules and routers, into a context-variable collector.
+  pio's probe calls ``layer.forward`` directly and runs attention through SDPA (see
+  ``pio_kernels.reference``); a stage scores inside :func:`outputs_not_recorded`, so the
+  probe's MLP call (a MoE router) adds nothing to the caller's outputs.
+* **Attention implementation.** Attention modules read ``config._attn_implementation`` at each
+  call: :func:`attention_implementation`, :func:`attention_implementation_as`; random-weight
+  models are built with :func:`build_model` (benchmarks, demo).
 """
 from __future__ import annotations
 

@@ -67,12 +67,9 @@ def pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def eager_tower_attentions(model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The full attention maps of every layer of the model's vision tower, run eager."""
+    from pio_kernels.integrations import hf
+
     tower = model.model.vision_tower
-    impl = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            return tower(pixels, output_attentions=True, return_dict=True).attentions
-    finally:
-        tower.config._attn_implementation = impl
+    with hf.attention_implementation_as(tower.config, "eager"), torch.no_grad():
+        return tower(pixels, output_attentions=True, return_dict=True).attentions
 

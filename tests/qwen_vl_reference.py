@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from pio_kernels.integrations import hf
 from pio_kernels.integrations.engine import resolve_budget, window_global
 from vlm_checks import Family, Rows, capture_lm_call, merge_by, merge_literal
 
@@ -78,15 +79,12 @@ def eager_attention_weights(visual, pixel_values: torch.Tensor, grid: torch.Tens
 
     handles = [blk.register_forward_pre_hook(lambda m, a, i=i: current.update(block=i))
                for i, blk in enumerate(visual.blocks)]
-    impl = visual.config._attn_implementation
-    visual.config._attn_implementation = "eager"
     module.eager_attention_forward = recording
     try:
-        with torch.no_grad():
+        with hf.attention_implementation_as(visual.config, "eager"), torch.no_grad():
             out = visual(pixel_values, grid_thw=grid)
     finally:
         module.eager_attention_forward = original
-        visual.config._attn_implementation = impl
         for handle in handles:
             handle.remove()
     return weights, out

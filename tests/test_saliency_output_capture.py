@@ -18,6 +18,7 @@ import torch
 
 import pio_kernels
 from pio_kernels import reference
+from pio_kernels.integrations import hf
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +72,7 @@ def test_llama_outputs_unchanged_by_a_probe_in_a_hook(probe):
         handle.remove()
     assert len(calls) == 1 and calls[0].shape == (2, 9) and calls[0].max() > 0
     _same_outputs(want, got)
-    assert model.config._attn_implementation == "eager"  # restored after the probe
+    assert hf.attention_implementation(model.config) == "eager"  # restored after the probe
 
 
 def test_llava_outputs_unchanged_by_a_probe_in_a_hook():
