@@ -23,6 +23,8 @@ and :class:`_OnevisionImageTextProcessor`.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -167,6 +169,24 @@ class _OnevisionImageTextProcessor:
         return out
 
 
+def _load_image_processor(path: str):
+    """The checkpoint's image processor. Where ``AutoImageProcessor`` needs torchvision (transformers
+    5.17), the PIL version of the class its ``preprocessor_config.json`` names."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        pass
+    import transformers
+    with open(os.path.join(path, "preprocessor_config.json")) as f:
+        name = json.load(f).get("image_processor_type") or ""
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    cls = getattr(transformers, base + "Pil", None)
+    if not base or cls is None:
+        raise ImportError(f"{path}: the image processor {name!r} needs torchvision, and it has no PIL version")
+    return cls.from_pretrained(path, local_files_only=True)
+
+
 def _load_processor(path: str, family: str, model):
     """The checkpoint's processor; without torchvision, where the family's processor class needs it,
     the checkpoint's tokenizer and image processor composed for images."""
@@ -176,9 +196,9 @@ def _load_processor(path: str, family: str, model):
     except ImportError:
         if family not in _QWEN_FAMILIES + ("llava-onevision",):
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    image_processor = _load_image_processor(path)
     if family == "llava-onevision":
         return _OnevisionImageTextProcessor(tokenizer, image_processor, model)
     return _QwenImageTextProcessor(tokenizer, image_processor)
