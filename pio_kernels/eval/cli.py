@@ -3,8 +3,9 @@
 ``pio-eval fidelity CHECKPOINT FOLDER --method NAME=SPEC ... --out DIR``
     fidelity of each method against the unpruned model (``fidelity.json``, ``fidelity.png``).
     A SPEC is written like lmms-eval's ``--model_args``: ``preset=llava-1.5``, ``preset=default``
-    (the family's default for the model's depth) or ``layers=[2,4],keep=[16,8],scoring=random``. Runs named ``method@label`` share a line in
-    the plot (e.g. ``ours@11``, ``ours@22``, ``random@11``).
+    (the family's default for the model's depth) or ``layers=[2,4],keep=[16,8],scoring=random``.
+    Runs named ``method@label`` share a line in the plot (e.g. ``ours@11``, ``ours@22``,
+    ``random@11``).
 ``pio-eval make-task FOLDER --name NAME --out DIR [--multiple-choice]``
     an lmms-eval task over a folder of images + prompts.jsonl (answers required).
 ``pio-eval presets``
@@ -101,7 +102,7 @@ def _samples(args):
 
 def _fidelity(args) -> int:
     from .fidelity import compare, plot
-    _methods([m for m in args.method if "preset=default" not in m])  # the model-free ones fail before loading
+    _methods([m for m in args.method if "preset=default" not in m])  # bad specs fail before the weights load
     vlm = _load_vlm(args)
     methods = _methods(args.method, vlm)
     report = compare(vlm, _samples(args), methods, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

@@ -209,7 +209,8 @@ def _qwen3_vl(path: str, layers: int, seed: int, moe: bool) -> None:
 
 
 def _llava_onevision(path: str, layers: int, seed: int) -> None:
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil)
 
