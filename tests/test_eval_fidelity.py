@@ -96,6 +96,24 @@ def test_cli_over_a_folder(setup, tmp_path, capsys):
         eval_main(["fidelity", path, folder, "--method", "preset=llava-1.5", "--out", str(out)])
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "qwen3-vl-moe", "llava-onevision"])
+def test_cli_on_the_other_families(setup, family, tmp_path):
+    """Keeping every token (the encoder side and a stage) is the stock model exactly; the family's
+    default (``preset=default``, scaled to 8 layers) prunes."""
+    _, folder, _, _ = setup
+    path = write_checkpoint(str(tmp_path / family), family)
+    out = tmp_path / "out"
+    rc = eval_main(["fidelity", path, folder, "--dtype", "float32", "--batch-size", "2", "--max-new-tokens", "3",
+                    "--method", "stock=preset=stock", "--method", "all=layers=[2],keep=[1.0],encoder_keep=1.0",
+                    "--method", "default=preset=default", "--no-progress", "--no-plot", "--out", str(out)])
+    assert rc == 0
+    stock, keep_all, default = json.load(open(out / "fidelity.json"))["runs"]
+    for run in (stock, keep_all):
+        assert run["kl"] == 0.0 and run["hidden_drift"] == 0.0 and run["agreement"] == 1.0 and run["retention"] == 1.0
+    assert default["schedule"]["layers"] == [4] and default["schedule"]["encoder_keep"] == 0.167
+    assert default["kl"] > 0 and default["retention"] < 0.2 and 0 < default["flops_fraction"] < 0.2
+
+
 def test_folder_format_and_task_writer(tmp_path):
     images = sample_images()
     folder = tmp_path / "f"

@@ -30,22 +30,24 @@ except ImportError:
 
 from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 
-from pio_kernels.eval.accounting import schedule_retention  # noqa: E402
+from pio_kernels.eval.accounting import resolve_budget, schedule_retention  # noqa: E402
 from pio_kernels.eval.lmms_plugin import PioLMM, summarize  # noqa: E402
 from pio_kernels.eval.schedules import make_config  # noqa: E402
 from pio_kernels.eval.tasks.local import Sample, doc_to_visual, write_task  # noqa: E402
 from pio_kernels.eval.tiny import sample_images, write_checkpoint  # noqa: E402
+from pio_kernels.eval.vlm import FAMILIES, detect_family  # noqa: E402
 
 pytestmark = pytest.mark.eval
 
 SCHEDULE = dict(layers="[2,4]", keep="[16,8]")  # on the tiny LLaVA: 64 visual tokens, 8 layers
+NEW_FAMILIES = ("qwen2-vl", "qwen3-vl", "qwen3-vl-moe", "llava-onevision")
 QUESTIONS = ["What is shown in this image?", "Is there a person?", "Describe it briefly.", "Which color dominates?"]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {f: write_checkpoint(str(root / f), f) for f in ("llava-1.5", "llava-next", "qwen2.5-vl")}
+    return {f: write_checkpoint(str(root / f), f) for f in ("llava-1.5", "llava-next", "qwen2.5-vl") + NEW_FAMILIES}
 
 
 def _docs():
@@ -81,9 +83,11 @@ def test_entry_point_resolves_the_plugin():
     assert get_model("pio") is PioLMM and get_model("pio_vlm") is PioLMM
 
 
-@pytest.mark.parametrize("family", ["llava-1.5", "qwen2.5-vl", "llava-next"])
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2.5-vl", "llava-next", *NEW_FAMILIES])
 def test_batched_requests_equal_one_at_a_time(checkpoints, family):
     schedule = SCHEDULE if family == "llava-1.5" else dict(layers="[2,4]", keep="[0.5,0.25]")
+    if family in NEW_FAMILIES:  # their encoder side too (OneVision: per base crop and high-resolution grid)
+        schedule = dict(schedule, encoder_keep="0.5")
     one, two = _lmm(checkpoints[family], 1, **schedule), _lmm(checkpoints[family], 2, **schedule)
     assert one.vlm.family == family
     texts1, stats1 = _unwrap(one.generate_until(_gen_requests()))
@@ -101,6 +105,12 @@ def test_batched_requests_equal_one_at_a_time(checkpoints, family):
         assert all(s["visual_tokens"] == 64 and s["kept"] == [16, 8] for s in stats2)
         assert all(s["retained_fraction"] == pytest.approx(want) for s in stats2)
         assert all(len(s["selection_ms"]) == 2 and s["tflops"] < s["tflops_stock"] for s in stats2)
+    if family in NEW_FAMILIES:  # the stages keep their fractions of what the encoder side kept, per image
+        for s in stats2:
+            encoder, first, second = s["kept"]
+            assert s["visual_tokens"] >= 16 and encoder in (s["visual_tokens"] // 2, s["visual_tokens"] // 2 - 1)
+            assert (first, second) == (resolve_budget(0.5, encoder), resolve_budget(0.25, resolve_budget(0.5, encoder)))
+            assert len(s["selection_ms"]) == 3 and 0 < s["tflops"] < s["tflops_stock"]
 
 
 def test_loglikelihood_equals_a_plain_forward(checkpoints):
@@ -123,6 +133,28 @@ def test_loglikelihood_equals_a_plain_forward(checkpoints):
         assert loss == pytest.approx(-float(logp.gather(1, target[:, None]).mean()), rel=1e-5, abs=1e-5)
         assert greedy == bool((logp.argmax(-1) == target).all())
     assert all(s["retained_fraction"] == 1.0 and s["kept"] == [] and s["selection_ms"] is None for s in stats)
+
+
+def test_detection_names_every_family(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported") as err:
+        detect_family(str(tmp_path))
+    for model_type, family in FAMILIES.items():
+        assert f"{model_type} ({family})" in str(err.value)
+    assert {"qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"} <= set(FAMILIES)
+
+
+def test_default_preset_fits_the_model(checkpoints, tmp_path):
+    """``preset=default``: the family's preset set for the model's depth as it is, else scaled to it."""
+    deep = write_checkpoint(str(tmp_path / "ov24"), "llava-onevision", layers=24)
+    lm = _lmm(deep, 2, preset="default")
+    assert lm.pio_config == make_config("llava-onevision-0.5b-ve")  # set for 24 layers
+    _, stats = _unwrap(lm.generate_until(_gen_requests(max_new_tokens=1)[:2]))
+    assert all(len(s["kept"]) == 2 and 0.08 < s["retained_fraction"] < 0.15 for s in stats)  # about 11.1%
+    lm = _lmm(checkpoints["qwen2-vl"], 1, preset="default", keep="[0.5]")
+    assert lm.pio_config == make_config(layers="[4]", keep="[0.5]", encoder_keep=0.167)  # 14 of 28 -> 4 of 8
+    with pytest.raises(ValueError, match="layers must be < the model's 8 decoder layers"):
+        PioLMM(pretrained=checkpoints["qwen3-vl"], preset="qwen3-vl-ve")
 
 
 def test_bad_model_args_name_the_problem(checkpoints, tmp_path):

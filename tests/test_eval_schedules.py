@@ -5,7 +5,7 @@ import pytest
 
 from pio_kernels.eval.accounting import (layer_flops, resolve_budget, retention, schedule_retention,
                                          schedule_tokens_per_layer)
-from pio_kernels.eval.schedules import make_config, parse_list, preset, presets
+from pio_kernels.eval.schedules import FAMILY_PRESETS, default_preset, make_config, parse_list, preset, presets
 from pio_kernels.integrations import PioConfig
 
 
@@ -88,3 +88,33 @@ def test_method_fields_reach_the_config():
     assert (c.scoring, c.selection, c.seed, c.layers) == ("random", "topk", 7, (1, 10, 15))
     assert make_config(layers="[2]", keep="[3]") == PioConfig(layers=(2,), keep=(3,), scoring="saliency",
                                                               selection="nms", seed=0)
+
+
+def test_default_preset_per_family_and_depth():
+    # every preset belongs to a family, with the depth it was set for; every family has a default
+    named = {name for names in FAMILY_PRESETS.values() for name, _ in names}
+    assert named == set(presets()) - {"stock"}
+    from pio_kernels.eval.vlm import FAMILIES
+    assert set(FAMILY_PRESETS) == set(FAMILIES.values())
+    # at a preset's own depth: that preset as it is
+    assert default_preset("qwen2-vl", 28) == ("qwen2-vl-ve", preset("qwen2-vl-ve"))
+    assert default_preset("qwen3-vl", 64) == ("qwen3-vl-32b-ve", preset("qwen3-vl-32b-ve"))
+    assert default_preset("llava-onevision", 24)[0] == "llava-onevision-0.5b-ve"
+    assert default_preset("llava-1.5", 32, encoder=False) == ("llava-1.5", preset("llava-1.5"))
+    # elsewhere: the nearest depth's, its middle layer scaled to the middle (the README's L // 2)
+    label, fields = default_preset("qwen3-vl-moe", 48)  # Qwen3-VL-30B-A3B
+    assert label == "qwen3-vl-ve (scaled to 48 layers)" and fields == dict(layers=(24,), keep=(0.333,),
+                                                                            encoder_keep=0.167)
+    assert default_preset("llava-onevision", 26)[1]["layers"] == (13,)
+    label, fields = default_preset("llava-1.5", 8, visual_tokens=64)
+    assert fields == dict(layers=(4,), keep=(4,), encoder_keep=11) and "64 tokens" in label
+    assert default_preset("qwen2.5-vl", 36, encoder=False)[1]["layers"] == (1, 10, 15)
+    # no schedule without the encoder side: the family's default stands in, and says so
+    label, fields = default_preset("llava-onevision", 28, encoder=False)
+    assert fields["encoder_keep"] == 0.167 and "no preset without the encoder side" in label
+    assert make_config("default", family="qwen2-vl", num_layers=8, keep="[0.5]") == PioConfig(
+        layers=(4,), keep=(0.5,), encoder_keep=0.167)
+    with pytest.raises(ValueError, match="preset=default needs the model's family"):
+        make_config("default")
+    with pytest.raises(ValueError, match="family must be one of"):
+        default_preset("llama", 32)

@@ -58,6 +58,8 @@ def test_published_schedules_are_in_the_space():
     assert label == "llava-1.5" and config == PioConfig(layers=(1, 10, 15), keep=(92, 54, 22))
     label, config = published_default("llava-1.5", 8, 64, encoder=True)
     assert "scaled" in label and config.layers == (4,) and config.encoder_keep == 11
+    label, config = published_default("qwen2-vl", 8, 64, encoder=False)  # its default has the encoder side
+    assert config == PioConfig(layers=(4,), keep=(0.333,), encoder_keep=0.167) and "no preset without" in label
 
 
 def test_search_meets_target_is_deterministic_and_beats_random(setup, tmp_path):
@@ -104,3 +106,22 @@ def test_cli_writes_best_config_and_candidates(setup, tmp_path, capsys):
     assert "published_default" in report and "default" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tune_main([path, folder, "--target", "1.5", "--out", str(out)])
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "llava-onevision"])
+def test_cli_on_the_other_families(setup, family, tmp_path):
+    """Dynamic token counts (fraction budgets), the encoder side, and the family's default beside."""
+    _, folder, _, _ = setup
+    path = write_checkpoint(str(tmp_path / family), family)
+    out = tmp_path / "out"
+    assert tune_main([path, folder, "--dtype", "float32", "--target", "0.3", "--budget", "2", "--stages", "1",
+                      "--encoder", "--batch-size", "3", "--no-progress", "--out", str(out)]) == 0
+    report = json.load(open(out / "tune.json"))
+    assert report["budgets_are"] == "fractions of each stage's input" and len(report["visual_tokens_seen"]) >= 2
+    total = report["target_token_layers"]
+    assert total == round(0.3 * report["visual_tokens"] * 8)
+    assert all(c["token_layers"] == total for c in report["candidates"])
+    config = PioConfig(**json.load(open(out / "best_config.json")))
+    assert config.encoder_keep is not None and len(config.layers) == 1
+    assert report["published_default"]["name"].startswith(
+        "qwen3-vl-ve (scaled to 8 layers)" if family == "qwen3-vl" else "llava-onevision-0.5b-ve (scaled to 8 layers)")

@@ -2,13 +2,14 @@
 
 ``pio-eval fidelity CHECKPOINT FOLDER --method NAME=SPEC ... --out DIR``
     fidelity of each method against the unpruned model (``fidelity.json``, ``fidelity.png``).
-    A SPEC is written like lmms-eval's ``--model_args``: ``preset=llava-1.5`` or
-    ``layers=[2,4],keep=[16,8],scoring=random``. Runs named ``method@label`` share a line in
-    the plot (e.g. ``ours@11``, ``ours@22``, ``random@11``).
+    A SPEC is written like lmms-eval's ``--model_args``: ``preset=llava-1.5``, ``preset=default``
+    (the family's default for the model's depth) or ``layers=[2,4],keep=[16,8],scoring=random``.
+    Runs named ``method@label`` share a line in the plot (e.g. ``ours@11``, ``ours@22``,
+    ``random@11``).
 ``pio-eval make-task FOLDER --name NAME --out DIR [--multiple-choice]``
     an lmms-eval task over a folder of images + prompts.jsonl (answers required).
 ``pio-eval presets``
-    the published schedules and their retention by the SPEC accounting.
+    the presets, each with its family and its retention by the SPEC accounting.
 ``pio-eval tiny-checkpoint OUT [--family llava-1.5]``
     a tiny random-weight checkpoint, to try the workflow without weights.
 ``pio-tune CHECKPOINT FOLDER --target 0.111 --out DIR``
@@ -52,22 +53,24 @@ def parse_spec(spec: str) -> dict[str, str]:
     return out
 
 
-def config_from_spec(spec: str):
-    """A PioConfig (or ``None`` for the stock model) from a SPEC string."""
+def config_from_spec(spec: str, vlm=None):
+    """A PioConfig (or ``None`` for the stock model) from a SPEC string; ``preset=default`` needs
+    ``vlm`` (a :class:`~.vlm.LocalVLM`: its family and depth)."""
     from .schedules import make_config
     fields = parse_spec(spec)
     preset = fields.pop("preset", None)
-    return make_config(preset, **fields)
+    model = {} if vlm is None else dict(family=vlm.family, num_layers=vlm.num_layers)
+    return make_config(preset, **model, **fields)
 
 
-def _methods(items: list[str]) -> dict:
+def _methods(items: list[str], vlm=None) -> dict:
     from .schedules import schedule_fields
     methods = {}
     for item in items:
         name, _, spec = item.partition("=")
         if not spec or name in schedule_fields() + ("preset",):
             raise ValueError(f"--method takes NAME=SPEC (e.g. ours@11=preset=llava-1.5), got {item!r}")
-        methods[name] = config_from_spec(spec)
+        methods[name] = config_from_spec(spec, vlm)
     return methods
 
 
@@ -78,7 +81,8 @@ def _load_vlm(args):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="local checkpoint folder (LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL)")
+    p.add_argument("checkpoint", help="local checkpoint folder (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, "
+                                      "Qwen2.5-VL, Qwen3-VL)")
     p.add_argument("folder", help="folder of images, with an optional prompts.jsonl")
     p.add_argument("--prompt", default=None, help="prompt for every image when the folder has no prompts.jsonl")
     p.add_argument("--limit", type=int, default=None, help="first N samples only")
@@ -98,8 +102,9 @@ def _samples(args):
 
 def _fidelity(args) -> int:
     from .fidelity import compare, plot
-    methods = _methods(args.method)
+    _methods([m for m in args.method if "preset=default" not in m])  # bad specs fail before the weights load
     vlm = _load_vlm(args)
+    methods = _methods(args.method, vlm)
     report = compare(vlm, _samples(args), methods, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      generate=not args.no_generate, progress=not args.no_progress)
     os.makedirs(args.out, exist_ok=True)
@@ -126,19 +131,26 @@ def _make_task(args) -> int:
     return 0
 
 
+# Visual tokens of one image, per family, for the retention `pio-eval presets` prints: LLaVA-1.5 at
+# 336 px, LLaVA-NeXT's five 576-token crops, a Qwen image of 1008 x 1008 pixels, one OneVision crop.
+_PRESET_SHAPES = {"llava-1.5": 576, "llava-next": 2880, "llava-onevision": 729, "qwen2-vl": 1296,
+                  "qwen2.5-vl": 1296, "qwen3-vl": 1296}
+
+
 def _presets(args) -> int:
     from .accounting import schedule_retention
-    from .schedules import make_config, presets
-    shapes = {"llava-1.5": (576, 32), "llava-next": (2880, 32), "qwen2.5-vl": (1296, 28)}
+    from .schedules import FAMILY_PRESETS, make_config, presets
     for name, spec in presets().items():
-        family = next((f for f in shapes if name.startswith(f)), None)
+        family, layers = next(((f, depth) for f, names in FAMILY_PRESETS.items() for p, depth in names if p == name),
+                              (None, None))
         if spec is None or family is None:
-            print(f"{name:<15} the unpruned model")
+            print(f"{name:<24} the unpruned model")
             continue
-        n, layers = shapes[family]
+        n = _PRESET_SHAPES[family]
         r = schedule_retention(make_config(name), n, layers)
         fields = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in spec.items() if v is not None)
-        print(f"{name:<15} {fields:<60} {100 * r:6.2f}% of {n} tokens over {layers} layers")
+        print(f"{name:<24} {fields:<52} {100 * r:6.2f}% of {n} tokens over {layers} layers ({family})")
+    print(f"{'default':<24} the model family's preset for the model's depth (scaled to it when none is)")
     return 0
 
 
@@ -149,6 +161,7 @@ def _tiny(args) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
+    from .tiny import FAMILIES as TINY_FAMILIES
     parser = argparse.ArgumentParser(prog="pio-eval", description="Evaluation tools of pio-kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fidelity", help="fidelity of pruned vs unpruned outputs (no labels needed)")
@@ -170,7 +183,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_presets)
     p = sub.add_parser("tiny-checkpoint", help="a tiny random-weight checkpoint (no download)")
     p.add_argument("out")
-    p.add_argument("--family", default="llava-1.5", choices=("llava-1.5", "llava-next", "qwen2.5-vl"))
+    p.add_argument("--family", default="llava-1.5", choices=TINY_FAMILIES)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_tiny)

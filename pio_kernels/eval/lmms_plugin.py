@@ -7,14 +7,17 @@ model name ``pio``, alias ``pio_vlm``), so an installed package is all lmms-eval
 :mod:`.schedules` for the syntax):
 
 =========================  =======================================================================
-``pretrained=PATH``        a local checkpoint folder (LLaVA-1.5, LLaVA-NeXT or Qwen2.5-VL;
-                           the family is detected from its config); nothing is downloaded
+``pretrained=PATH``        a local checkpoint folder (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+                           Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense or MoE; the family is detected
+                           from its config); nothing is downloaded
 ``dtype=auto``             ``auto`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16``
 ``attn_implementation``    ``sdpa`` (default), ``eager``, ``flash_attention_2``
 ``device``                 default ``cuda`` when available (``cuda:LOCAL_RANK`` per process), else ``cpu``
 ``batch_size``             requests per forward (``--batch_size`` sets it too); padded on the left
-``preset=NAME``            a published schedule (``llava-1.5-ve``, ``llava-1.5``, ``qwen2.5-vl-ve``,
-                           ... or ``stock`` for the unpruned model)
+``preset=NAME``            a preset (``llava-1.5-ve``, ``llava-1.5``, ``qwen2.5-vl-ve``,
+                           ``qwen2-vl-ve``, ``qwen3-vl-ve``, ``llava-onevision-ve``, ...),
+                           ``default`` (the family's preset for the model's depth, scaled to
+                           it when none is set for it) or ``stock`` (the unpruned model)
 ``layers=[1,10,15]``       PioConfig fields; they override the preset's
 ``keep=[92,54,22]``
 ``encoder_keep=96``        ``none`` turns the preset's off
@@ -125,8 +128,10 @@ class PioLMM(lmms):
             raise ValueError(f"unknown model_args {sorted(unknown)} for the pio model")
         if not pretrained or not os.path.isdir(str(pretrained)):
             raise ValueError(f"pretrained must be a local checkpoint folder, got {pretrained!r}")
-        self.pio_config = make_config(preset, layers=layers, keep=keep, encoder_keep=encoder_keep, tau=tau,
-                                      num_positions=num_positions, scoring=scoring, selection=selection, seed=seed)
+        fields = dict(layers=layers, keep=keep, encoder_keep=encoder_keep, tau=tau, num_positions=num_positions,
+                      scoring=scoring, selection=selection, seed=seed)
+        if preset != "default":  # a bad schedule fails before the weights load
+            self.pio_config = make_config(preset, **fields)
         world = int(os.environ.get("WORLD_SIZE", 1))
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = world
@@ -138,6 +143,8 @@ class PioLMM(lmms):
             self.accelerator = Accelerator()  # joins (or starts) the process group lmms-eval uses
         self.vlm = LocalVLM.load(str(pretrained), dtype=dtype, attn_implementation=attn_implementation,
                                  device=device)
+        if preset == "default":
+            self.pio_config = make_config(preset, family=self.vlm.family, num_layers=self.vlm.num_layers, **fields)
         self.vlm.apply(self.pio_config)
         self.batch_size_per_device = int(batch_size)
         if self.batch_size_per_device < 1:

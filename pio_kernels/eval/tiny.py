@@ -1,17 +1,24 @@
 """Tiny random-weight VLM checkpoints, written to a folder without any download.
 
 ``write_checkpoint(path, family)`` saves a stock Hugging Face model (random weights, a few
-layers of width 64) with a processor (or, for Qwen2.5-VL, a tokenizer and an image processor)
-that ``from_pretrained(path, local_files_only=True)`` loads back. The tokenizer is a byte-level
-BPE trained on a fixed sentence, so every text encodes and decodes, and the chat template is the
-family's prompt format. These checkpoints exercise the evaluation workflow end to end (the
-lmms-eval plugin, ``pio-eval fidelity``, ``pio-tune``) on a CPU: their answers mean nothing.
+layers of width 64) with a processor (or, for the families whose processor class needs
+torchvision, a tokenizer and a PIL image processor) that ``from_pretrained(path,
+local_files_only=True)`` loads back. The tokenizer is a byte-level BPE trained on a fixed
+sentence, so every text encodes and decodes, and the chat template is the family's prompt format.
+These checkpoints exercise the evaluation workflow end to end (the lmms-eval plugin, ``pio-eval
+fidelity``, ``pio-tune``) on a CPU: their answers mean nothing.
 
 ``sample_images()`` lists the photographs that ship with matplotlib (its sample data).
 
-Families: ``llava-1.5`` (CLIP 48 px, 6 px patches: 64 visual tokens, 8 decoder layers),
-``llava-next`` (the same tower on anyres crops of 48 px), ``qwen2.5-vl`` (2 px patches, 2x2
-merge, 8 decoder layers, M-RoPE).
+Families (8 decoder layers each by default):
+
+* ``llava-1.5``: CLIP 48 px, 6 px patches: 64 visual tokens;
+* ``llava-next``: the same tower on anyres crops of 48 px;
+* ``llava-onevision``: SigLIP on crops of 56 px, 7 px patches (64 tokens a crop), anyres tiling
+  up to 2 x 2 crops, ``anyres_max_2`` (larger high-resolution grids are downscaled), Qwen2 decoder;
+* ``qwen2-vl``, ``qwen2.5-vl``, ``qwen3-vl``, ``qwen3-vl-moe``: 2 px patches, 2x2 merge (16 to 64
+  visual tokens an image), M-RoPE; Qwen2.5-VL's tower has windows, Qwen3-VL's DeepStack
+  features after decoder layers 0 and 1 (MoE: 4 experts, 2 a token).
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 
 __all__ = ["FAMILIES", "sample_images", "write_checkpoint"]
 
-FAMILIES = ("llava-1.5", "llava-next", "qwen2.5-vl")
+FAMILIES = ("llava-1.5", "llava-next", "qwen2.5-vl", "qwen2-vl", "qwen3-vl", "qwen3-vl-moe", "llava-onevision")
 _CORPUS = ("What is shown in this image? Answer with one word. Is there a person in the image? yes no "
            "A B C D The photograph shows a woman in a uniform, a logo and a present. Describe it briefly.")
 _LLAVA_TEMPLATE = (
@@ -37,6 +44,12 @@ _QWEN_TEMPLATE = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# LLaVA-OneVision (Qwen2 decoder): the Qwen turns, with LLaVA's ``<image>`` line before the text
+_ONEVISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def sample_images() -> list[str]:
@@ -109,40 +122,124 @@ def _llava(path: str, next_: bool, layers: int, seed: int) -> None:
     processor.save_pretrained(path)
 
 
-def _qwen2_5_vl(path: str, layers: int, seed: int) -> None:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_tokenizer():
+    """The Qwen families' tokenizer (their special tokens, ``<|im_end|>`` ends a turn) with the
+    Qwen chat template, and the ids the model config names."""
+    tokenizer = _tokenizer(_QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = _QWEN_TEMPLATE
+    ids = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+               vision_end_token_id="<|vision_end|>")
+    return tokenizer, {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in ids.items()}
+
+
+def _mrope_text_config(vocab: int, layers: int, eos: int, **extra) -> dict:
+    """A decoder with M-RoPE: the rotary half of each head split over (t, h, w) as in the released
+    checkpoints (``extra`` may set ``head_dim``; default width / heads = 16)."""
+    half = extra.get("head_dim", 16) // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    rope.update(extra.pop("rope_extra", {}))
+    return _text_config(vocab, layers, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None, eos_token_id=eos,
+                        rope_parameters=rope, **extra)
+
+
+def _save_qwen(path: str, model, tokenizer) -> None:
+    """Saves a Qwen-family model with its tokenizer and a PIL image processor (2 px patches, 2x2
+    merge): 16x16 to 32x32 pixels after resizing, 16 to 64 visual tokens per image."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = _tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = _QWEN_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
-           (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("start", "<|vision_start|>"),
-            ("end", "<|vision_end|>"))}
-    heads = 4
-    half = 64 // heads // 2
-    section = [half - 2 * (half // 3), half // 3, half // 3]
-    config = Qwen2_5_VLConfig(
-        text_config=_text_config(len(tokenizer), layers, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                  "mrope_section": section}),
-        vision_config=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, patch_size=2,
-                           temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=64,
-                           fullatt_block_indexes=[1, 3], tokens_per_second=2),
-        image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
-        vision_end_token_id=ids["end"], tie_word_embeddings=False, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
     _randomise_norms(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    # 16x16 to 32x32 pixels after resizing: 16 to 64 visual tokens per image
     Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2,
                              size={"shortest_edge": 256, "longest_edge": 1024}).save_pretrained(path)
+
+
+def _qwen2_5_vl(path: str, layers: int, seed: int) -> None:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer, ids = _qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=_mrope_text_config(len(tokenizer), layers, tokenizer.eos_token_id),
+        vision_config=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=64,
+                           fullatt_block_indexes=[1, 3], tokens_per_second=2),
+        **ids, tie_word_embeddings=False, bos_token_id=None)
+    torch.manual_seed(seed)
+    _save_qwen(path, Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer)
+
+
+def _qwen2_vl(path: str, layers: int, seed: int) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer, ids = _qwen_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=_mrope_text_config(len(tokenizer), layers, tokenizer.eos_token_id),
+        vision_config=dict(depth=4, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2),
+        **ids, tie_word_embeddings=False, bos_token_id=None)
+    torch.manual_seed(seed)
+    _save_qwen(path, Qwen2VLForConditionalGeneration(config).eval(), tokenizer)
+
+
+def _qwen3_vl(path: str, layers: int, seed: int, moe: bool) -> None:
+    import transformers
+
+    tokenizer, ids = _qwen_tokenizer()
+    text = _mrope_text_config(len(tokenizer), layers, tokenizer.eos_token_id, head_dim=16,
+                              rope_extra={"mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1)
+    prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text,
+        # DeepStack: the features of vision blocks 0 and 2 are added after decoder layers 0 and 1
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=2,
+                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 2]),
+        **ids, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    _save_qwen(path, getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval(), tokenizer)
+
+
+def _llava_onevision(path: str, layers: int, seed: int) -> None:
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+                           eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    tokenizer.chat_template = _ONEVISION_TEMPLATE
+    # SigLIP on 56 px crops of 7 px patches (8 x 8 per crop), anyres tiling up to 2 x 2 crops;
+    # anyres_max_2 downscales a high-resolution grid above 2 crops' worth of tokens
+    pinpoints = [[56, 112], [112, 56], [112, 112]]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=4,
+                                image_size=56, patch_size=7)
+    text = Qwen2Config(**_text_config(len(tokenizer), layers, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=None,
+                                      eos_token_id=tokenizer.eos_token_id))
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
+                                  tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _randomise_norms(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, crop_size={"height": 56, "width": 56},
+                                    image_grid_pinpoints=pinpoints).save_pretrained(path)
 
 
 def write_checkpoint(path: str, family: str = "llava-1.5", *, layers: int = 8, seed: int = 0) -> str:
@@ -158,6 +255,12 @@ def write_checkpoint(path: str, family: str = "llava-1.5", *, layers: int = 8, s
     os.makedirs(path, exist_ok=True)
     if family == "qwen2.5-vl":
         _qwen2_5_vl(path, layers, seed)
+    elif family == "qwen2-vl":
+        _qwen2_vl(path, layers, seed)
+    elif family in ("qwen3-vl", "qwen3-vl-moe"):
+        _qwen3_vl(path, layers, seed, moe=family == "qwen3-vl-moe")
+    elif family == "llava-onevision":
+        _llava_onevision(path, layers, seed)
     else:
         _llava(path, family == "llava-next", layers, seed)
     return path

@@ -23,9 +23,9 @@ Budgets are token counts when every calibration image has the same ``N`` (LLaVA-
 (dynamic resolution) they are written as fractions of each stage's input, exact at the
 calibration set's median ``N`` and within rounding elsewhere.
 
-The published default of the model's family (:mod:`.schedules` presets; scaled to the model's
-depth and token count when it does not fit) is scored on the same objective and reported beside
-the best.
+The default of the model's family (:func:`.schedules.default_preset`: the published or default
+preset for the nearest depth, scaled to the model's depth and token count when set for another)
+is scored on the same objective and reported beside the best.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from .accounting import schedule_tokens_per_layer
 from .fidelity import OBJECTIVES, fidelity, objective, reference_outputs
-from .schedules import describe, make_config, preset
+from .schedules import default_preset, describe, make_config
 from .tasks.local import Sample
 
 __all__ = ["Candidate", "SearchSpace", "published_default", "search"]
@@ -176,25 +176,12 @@ class SearchSpace:
 
 
 def published_default(family: str, num_layers: int, n: int, encoder: bool) -> tuple[str, Any]:
-    """The family's published default (w/ VE when ``encoder``), scaled to ``num_layers`` layers
-    and ``n`` tokens when its layers do not fit; returns ``(label, PioConfig)``."""
-    base = {"llava-1.5": "llava-1.5", "llava-next": "llava-next", "qwen2.5-vl": "qwen2.5-vl"}[family]
-    name = f"{base}-ve" if encoder else base
-    spec = preset(name)
-    published_layers = 28 if family == "qwen2.5-vl" else 32
-    if spec["layers"][-1] < num_layers:
-        return name, make_config(name)
-    layers, last = [], 0
-    for layer in spec["layers"]:  # proportional, strictly increasing, >= 1
-        layer = min(max(last + 1, int(layer * num_layers / published_layers + 0.5)), num_layers - 1)
-        layers.append(layer)
-        last = layer
-    scale = n / 576
-    keep = tuple(k if isinstance(k, float) else max(1, round(k * scale)) for k in spec["keep"])
-    enc = spec.get("encoder_keep")
-    enc = enc if enc is None or isinstance(enc, float) else max(1, round(enc * scale))
-    return f"{name} (scaled to {num_layers} layers, {n} tokens)", make_config(layers=tuple(layers), keep=keep,
-                                                                              encoder_keep=enc)
+    """The family's default (w/ VE when ``encoder``; :func:`.schedules.default_preset`): the
+    preset set for the nearest depth, scaled to ``num_layers`` layers and ``n`` tokens when it
+    was set for another depth; returns ``(label, PioConfig)``. Qwen2-VL, Qwen3-VL and LLaVA-OneVision have
+    only defaults with the encoder side, which then stand in for a search without it."""
+    label, fields = default_preset(family, num_layers, encoder=encoder, visual_tokens=n)
+    return label, make_config(**fields)
 
 
 def search(vlm, samples: Sequence[Sample], target: float, *, stages: Sequence[int] = (1, 2, 3),

@@ -1,9 +1,10 @@
 """A local VLM checkpoint behind one batched interface: what the plugin, fidelity and pio-tune run.
 
 ``LocalVLM.load(path)`` detects the family from the checkpoint's ``config.json``
-(``model_type``: ``llava`` -> LLaVA-1.5, ``llava_next`` -> LLaVA-NeXT, ``qwen2_5_vl`` ->
-Qwen2.5-VL), loads the stock Hugging Face class and its processor offline
-(``local_files_only``), and then:
+(``model_type``, see :data:`FAMILIES`: ``llava`` -> LLaVA-1.5, ``llava_next`` -> LLaVA-NeXT,
+``llava_onevision`` -> LLaVA-OneVision, ``qwen2_vl`` -> Qwen2-VL, ``qwen2_5_vl`` -> Qwen2.5-VL,
+``qwen3_vl`` / ``qwen3_vl_moe`` -> Qwen3-VL dense / MoE), loads the stock Hugging Face class and
+its processor offline (``local_files_only``), and then:
 
 * ``prompt(text, n_images)`` formats a user turn with the checkpoint's chat template (images
   first, then the text), or the family's plain format when the checkpoint has no template;
@@ -14,13 +15,16 @@ Qwen2.5-VL), loads the stock Hugging Face class and its processor offline
   kept per stage, retention, FLOPs by the SPEC formula, selection time);
 * ``use(config)`` applies a PioConfig (``None``: the stock model) for the calls that follow.
 
-Qwen2.5-VL's processor class needs torchvision (for its video processor) in transformers 5;
-without it the checkpoint's tokenizer and image processor are composed here the same way
-(images only), see :class:`_QwenImageTextProcessor`.
+The processor classes of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision need torchvision
+(for their video processors) in transformers 5; without it the checkpoint's tokenizer and (PIL)
+image processor are composed here the same way, images only: :class:`_QwenImageTextProcessor`
+and :class:`_OnevisionImageTextProcessor`.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -31,13 +35,27 @@ from .accounting import SampleStats, prefill_stats, text_dims
 
 __all__ = ["FAMILIES", "Continuation", "FirstToken", "LocalVLM", "detect_family"]
 
-FAMILIES = {"llava": "llava-1.5", "llava_next": "llava-next", "qwen2_5_vl": "qwen2.5-vl"}
+# model_type -> (family, the stock transformers class)
+_CLASSES = {
+    "llava": ("llava-1.5", "LlavaForConditionalGeneration"),
+    "llava_next": ("llava-next", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": ("llava-onevision", "LlavaOnevisionForConditionalGeneration"),
+    "qwen2_vl": ("qwen2-vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3-vl", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("qwen3-vl-moe", "Qwen3VLMoeForConditionalGeneration"),
+}
+FAMILIES = {model_type: family for model_type, (family, _) in _CLASSES.items()}
+# Families whose prompts mark an image with <|vision_start|><|image_pad|><|vision_end|>
+_QWEN_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def detect_family(path: str) -> str:
-    """The family of a local checkpoint (``llava-1.5``, ``llava-next`` or ``qwen2.5-vl``)."""
+    """The family of a local checkpoint: a value of :data:`FAMILIES` (``llava-1.5``,
+    ``llava-next``, ``llava-onevision``, ``qwen2-vl``, ``qwen2.5-vl``, ``qwen3-vl``,
+    ``qwen3-vl-moe``). ValueError for another ``model_type`` names every supported one."""
     from transformers import AutoConfig
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     if model_type not in FAMILIES:
@@ -48,9 +66,8 @@ def detect_family(path: str) -> str:
 
 def _model_class(family: str):
     import transformers
-    return {"llava-1.5": transformers.LlavaForConditionalGeneration,
-            "llava-next": transformers.LlavaNextForConditionalGeneration,
-            "qwen2.5-vl": transformers.Qwen2_5_VLForConditionalGeneration}[family]
+    name = next(cls for fam, cls in _CLASSES.values() if fam == family)
+    return getattr(transformers, name)
 
 
 def _dtype(dtype: str | torch.dtype | None):
@@ -62,9 +79,10 @@ def _dtype(dtype: str | torch.dtype | None):
 
 
 class _QwenImageTextProcessor:
-    """Qwen2.5-VL inputs from a tokenizer and an image processor, images only.
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL inputs from a tokenizer and an image processor, images only.
 
-    Does what ``Qwen2_5_VLProcessor`` does for images: the image processor gives
+    Does what ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` and ``Qwen3VLProcessor`` do for images
+    (their image side is the same): the image processor gives
     ``pixel_values`` and ``image_grid_thw``; each ``<|image_pad|>`` of the text becomes
     ``t * h * w / merge^2`` of them; ``mm_token_type_ids`` marks image rows with 1.
     """
@@ -100,16 +118,90 @@ class _QwenImageTextProcessor:
         return out
 
 
-def _load_processor(path: str, family: str):
+class _OnevisionImageTextProcessor:
+    """LLaVA-OneVision inputs from a tokenizer and an image processor, images only.
+
+    Does what ``LlavaOnevisionProcessor`` does for images: the image processor gives
+    ``pixel_values`` (crops per image), ``image_sizes`` and ``batch_num_images`` (images per
+    sample, when ``images`` are given per sample); each ``<image>`` of the text becomes as many
+    image tokens as the model makes features of that image, newline tokens included. The count
+    is the model's own: its ``pack_image_features`` (unpadding, the ``anyres_max`` downscale,
+    newline tokens) run on placeholder features one channel wide, so it cannot drift from the
+    model's layout.
+    """
+
+    def __init__(self, tokenizer, image_processor, model):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model = model
+        self.image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def image_tokens(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None) -> list[int]:
+        """Image tokens of each image (its features, newline tokens included), as the model lays them out."""
+        from pio_kernels.integrations import hf
+        config = self.model.config
+        crops = hf.llava_onevision_crops(config, image_sizes, batch_num_images)
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        placeholders = [torch.zeros(n, side * side, 1) for n in crops]
+        _, lengths = hf.image_feature_owner(self.model).pack_image_features(
+            placeholders, image_sizes, image_newline=torch.zeros(1), vision_aspect_ratio=config.vision_aspect_ratio)
+        return [int(n) for n in lengths]
+
+    def __call__(self, text: list[str], images=None, padding=True, padding_side="left", return_tensors="pt"):
+        out: dict[str, Any] = {}
+        text = list(text)
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            out.update(vision)
+            counts = iter(self.image_tokens(vision["image_sizes"], vision.get("batch_num_images")))
+            marker = "\x00PIO_IMAGE\x00"
+            expanded = []
+            for t in text:
+                while self.image_token in t:
+                    t = t.replace(self.image_token, marker * next(counts), 1)
+                expanded.append(t.replace(marker, self.image_token))
+            text = expanded
+        out.update(self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors))
+        return out
+
+
+def _load_image_processor(path: str):
+    """The checkpoint's image processor. Where ``AutoImageProcessor`` needs torchvision (transformers
+    5.17), the PIL version of the class its ``preprocessor_config.json`` names."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        pass
+    import transformers
+    with open(os.path.join(path, "preprocessor_config.json")) as f:
+        name = json.load(f).get("image_processor_type") or ""
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    cls = getattr(transformers, base + "Pil", None)
+    if not base or cls is None:
+        raise ImportError(f"{path}: the image processor {name!r} needs torchvision, and it has no PIL version")
+    return cls.from_pretrained(path, local_files_only=True)
+
+
+def _load_processor(path: str, family: str, model):
+    """The checkpoint's processor; without torchvision, where the family's processor class needs it,
+    the checkpoint's tokenizer and image processor composed for images."""
     from transformers import AutoProcessor
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     except ImportError:
-        if family != "qwen2.5-vl":
+        if family not in _QWEN_FAMILIES + ("llava-onevision",):
             raise
-        from transformers import AutoImageProcessor, AutoTokenizer
-        return _QwenImageTextProcessor(AutoTokenizer.from_pretrained(path, local_files_only=True),
-                                       AutoImageProcessor.from_pretrained(path, local_files_only=True))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor = _load_image_processor(path)
+    if family == "llava-onevision":
+        return _OnevisionImageTextProcessor(tokenizer, image_processor, model)
+    return _QwenImageTextProcessor(tokenizer, image_processor)
 
 
 @dataclass
@@ -163,7 +255,7 @@ class LocalVLM:
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = _model_class(family).from_pretrained(path, **kwargs).to(device).eval()
-        return cls(model, _load_processor(path, family), family, device)
+        return cls(model, _load_processor(path, family, model), family, device)
 
     @property
     def num_layers(self) -> int:
@@ -199,7 +291,8 @@ class LocalVLM:
         """One user turn asking ``text`` about ``n_images`` images, ready for generation. Text that
         already holds the image placeholder (``<image>``) keeps it where it is."""
         placeholder = "<image>"
-        if placeholder in text and self.family != "qwen2.5-vl":
+        qwen = self.family in _QWEN_FAMILIES
+        if placeholder in text and not qwen:
             body = [{"type": "text", "text": text}]
         else:
             text = text.replace(placeholder, "").strip()
@@ -207,18 +300,23 @@ class LocalVLM:
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
                                                       add_generation_prompt=True)
-        if self.family == "qwen2.5-vl":
+        if qwen:
             images = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
             return f"<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
         images = "" if placeholder in text else "<image>\n" * n_images
+        if self.family == "llava-onevision":
+            return f"<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
         return f"USER: {images}{text} ASSISTANT:"
 
     def encode(self, prompts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
-        """A left-padded batch on the model's device; floating inputs in the model's dtype."""
+        """A left-padded batch on the model's device; floating inputs in the model's dtype.
+
+        LLaVA-OneVision's images go to its processor per sample (a sample with several images
+        takes each image's base crop only, as the model expects); the others' as one list."""
         flat = [im for sample in images for im in sample]
         kwargs = dict(text=list(prompts), padding=True, padding_side="left", return_tensors="pt")
         if flat:
-            kwargs["images"] = flat
+            kwargs["images"] = [list(sample) for sample in images] if self.family == "llava-onevision" else flat
         batch = self.processor(**kwargs)
         dtype = self.model.dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
