@@ -153,15 +153,13 @@ class _ProbeHook(_Hook):
         run = state.run
         if run is None:
             return None
-        if torch.compiler.is_compiling():  # traced with the tower; not timed (a clock read breaks the graph)
-            with torch.no_grad():
-                run.maps[self.key] = state.adapter.encoder_probe(state.model, self.key, module, args, kwargs)
-            return None
+        timed = not torch.compiler.is_compiling()  # traced with the tower: a clock read would break the graph
         device = next(iter(module.parameters())).device
-        start = time_mark(device)
+        start = time_mark(device) if timed else None
         with torch.no_grad():
             run.maps[self.key] = state.adapter.encoder_probe(state.model, self.key, module, args, kwargs)
-        run.time_marks.append((start, time_mark(device)))
+        if timed:
+            run.time_marks.append((start, time_mark(device)))
         return None
 
 
