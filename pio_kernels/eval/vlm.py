@@ -103,19 +103,24 @@ class _QwenImageTextProcessor:
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
             out.update(vision)
-            merge = self.image_processor.merge_size ** 2
-            counts = iter((vision["image_grid_thw"].prod(-1) // merge).tolist())
-            marker = "\x00PIO_IMAGE\x00"
-            expanded = []
-            for t in text:
-                while self.image_token in t:
-                    t = t.replace(self.image_token, marker * next(counts), 1)
-                expanded.append(t.replace(marker, self.image_token))
-            text = expanded
+            tokens = vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2
+            text = _expand_image_tokens(text, self.image_token, tokens.tolist())
         enc = self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
         out.update(enc)
         out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
         return out
+
+
+def _expand_image_tokens(text: list[str], image_token: str, counts: list[int]) -> list[str]:
+    """Each ``image_token`` of ``text``, in order, repeated as many times as its image has tokens."""
+    counts = iter(counts)
+    marker = "\x00PIO_IMAGE\x00"
+    expanded = []
+    for t in text:
+        while image_token in t:
+            t = t.replace(image_token, marker * next(counts), 1)
+        expanded.append(t.replace(marker, image_token))
+    return expanded
 
 
 class _OnevisionImageTextProcessor:
@@ -157,14 +162,8 @@ class _OnevisionImageTextProcessor:
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
             out.update(vision)
-            counts = iter(self.image_tokens(vision["image_sizes"], vision.get("batch_num_images")))
-            marker = "\x00PIO_IMAGE\x00"
-            expanded = []
-            for t in text:
-                while self.image_token in t:
-                    t = t.replace(self.image_token, marker * next(counts), 1)
-                expanded.append(t.replace(marker, self.image_token))
-            text = expanded
+            text = _expand_image_tokens(text, self.image_token,
+                                        self.image_tokens(vision["image_sizes"], vision.get("batch_num_images")))
         out.update(self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors))
         return out
 
