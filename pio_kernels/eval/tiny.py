@@ -80,6 +80,15 @@ def _randomise_norms(model: torch.nn.Module) -> None:
                 p.uniform_(0.5, 1.5)
 
 
+def _save_model(path: str, model: torch.nn.Module, tokenizer) -> None:
+    """Saves ``model`` with norm gains away from 1, generating with ``tokenizer``'s padding and
+    end of turn (the caller saves the tokenizer or processor beside it)."""
+    _randomise_norms(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+
+
 def _text_config(vocab: int, layers: int, **extra) -> dict:
     return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048, **extra)
@@ -115,10 +124,7 @@ def _llava(path: str, next_: bool, layers: int, seed: int) -> None:
                                 chat_template=_LLAVA_TEMPLATE)
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    _randomise_norms(model)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
+    _save_model(path, model, tokenizer)
     processor.save_pretrained(path)
 
 
@@ -152,10 +158,7 @@ def _save_qwen(path: str, model, tokenizer) -> None:
     merge): 16x16 to 32x32 pixels after resizing, 16 to 64 visual tokens per image."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    _randomise_norms(model)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
+    _save_model(path, model, tokenizer)
     tokenizer.save_pretrained(path)
     Qwen2VLImageProcessorPil(patch_size=2, merge_size=2, temporal_patch_size=2,
                              size={"shortest_edge": 256, "longest_edge": 1024}).save_pretrained(path)
@@ -233,10 +236,7 @@ def _llava_onevision(path: str, layers: int, seed: int) -> None:
                                   tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
-    _randomise_norms(model)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
+    _save_model(path, model, tokenizer)
     tokenizer.save_pretrained(path)
     LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, crop_size={"height": 56, "width": 56},
                                     image_grid_pinpoints=pinpoints).save_pretrained(path)

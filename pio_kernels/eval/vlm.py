@@ -17,8 +17,8 @@ its processor offline (``local_files_only``), and then:
 
 The processor classes of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision need torchvision
 (for their video processors) in transformers 5; without it the checkpoint's tokenizer and (PIL)
-image processor are composed here the same way, images only: :class:`_QwenImageTextProcessor`
-and :class:`_OnevisionImageTextProcessor`.
+image processor are composed here the same way, images only (:class:`_ImageTextProcessor`):
+:class:`_QwenImageTextProcessor` and :class:`_OnevisionImageTextProcessor`.
 """
 from __future__ import annotations
 
@@ -78,7 +78,47 @@ def _dtype(dtype: str | torch.dtype | None):
     return _DTYPES[dtype]
 
 
-class _QwenImageTextProcessor:
+class _ImageTextProcessor:
+    """A processor from a tokenizer and an image processor, images only, for the families whose
+    processor class needs torchvision (for its video processor).
+
+    The image processor's outputs are passed on; each ``image_token`` of the text becomes as many
+    image tokens as :meth:`tokens_per_image` says that image has, then the text is tokenized.
+    """
+
+    image_token: str
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def tokens_per_image(self, vision: dict) -> list[int]:
+        """Image tokens of each image, in order, from the image processor's outputs ``vision``."""
+        raise NotImplementedError
+
+    def __call__(self, text: list[str], images=None, padding=True, padding_side="left", return_tensors="pt"):
+        out: dict[str, Any] = {}
+        text = list(text)
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            out.update(vision)
+            counts = iter(self.tokens_per_image(vision))
+            marker = "\x00PIO_IMAGE\x00"
+            expanded = []
+            for t in text:
+                while self.image_token in t:
+                    t = t.replace(self.image_token, marker * next(counts), 1)
+                expanded.append(t.replace(marker, self.image_token))
+            text = expanded
+        out.update(self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors))
+        return out
+
+
+class _QwenImageTextProcessor(_ImageTextProcessor):
     """Qwen2-VL, Qwen2.5-VL and Qwen3-VL inputs from a tokenizer and an image processor, images only.
 
     Does what ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` and ``Qwen3VLProcessor`` do for images
@@ -88,42 +128,20 @@ class _QwenImageTextProcessor:
     """
 
     def __init__(self, tokenizer, image_processor):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(tokenizer, image_processor)
         self.image_token = "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.chat_template = tokenizer.chat_template
 
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
+    def tokens_per_image(self, vision: dict) -> list[int]:
+        return (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2).tolist()
 
-    def __call__(self, text: list[str], images=None, padding=True, padding_side="left", return_tensors="pt"):
-        out: dict[str, Any] = {}
-        text = list(text)
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            out.update(vision)
-            tokens = vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size ** 2
-            text = _expand_image_tokens(text, self.image_token, tokens.tolist())
-        enc = self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
-        out.update(enc)
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
+    def __call__(self, text: list[str], images=None, **kwargs):
+        out = super().__call__(text, images, **kwargs)
+        out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
         return out
 
 
-def _expand_image_tokens(text: list[str], image_token: str, counts: list[int]) -> list[str]:
-    """Each ``image_token`` of ``text``, in order, repeated as many times as its image has tokens."""
-    counts = iter(counts)
-    marker = "\x00PIO_IMAGE\x00"
-    expanded = []
-    for t in text:
-        while image_token in t:
-            t = t.replace(image_token, marker * next(counts), 1)
-        expanded.append(t.replace(marker, image_token))
-    return expanded
-
-
-class _OnevisionImageTextProcessor:
+class _OnevisionImageTextProcessor(_ImageTextProcessor):
     """LLaVA-OneVision inputs from a tokenizer and an image processor, images only.
 
     Does what ``LlavaOnevisionProcessor`` does for images: the image processor gives
@@ -136,36 +154,21 @@ class _OnevisionImageTextProcessor:
     """
 
     def __init__(self, tokenizer, image_processor, model):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(tokenizer, image_processor)
         self.model = model
         self.image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-        self.chat_template = tokenizer.chat_template
 
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def image_tokens(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None) -> list[int]:
+    def tokens_per_image(self, vision: dict) -> list[int]:
         """Image tokens of each image (its features, newline tokens included), as the model lays them out."""
         from pio_kernels.integrations import hf
         config = self.model.config
-        crops = hf.llava_onevision_crops(config, image_sizes, batch_num_images)
+        image_sizes = vision["image_sizes"]
+        crops = hf.llava_onevision_crops(config, image_sizes, vision.get("batch_num_images"))
         side = config.vision_config.image_size // config.vision_config.patch_size
         placeholders = [torch.zeros(n, side * side, 1) for n in crops]
         _, lengths = hf.image_feature_owner(self.model).pack_image_features(
             placeholders, image_sizes, image_newline=torch.zeros(1), vision_aspect_ratio=config.vision_aspect_ratio)
         return [int(n) for n in lengths]
-
-    def __call__(self, text: list[str], images=None, padding=True, padding_side="left", return_tensors="pt"):
-        out: dict[str, Any] = {}
-        text = list(text)
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            out.update(vision)
-            text = _expand_image_tokens(text, self.image_token,
-                                        self.image_tokens(vision["image_sizes"], vision.get("batch_num_images")))
-        out.update(self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors))
-        return out
 
 
 def _load_image_processor(path: str):
