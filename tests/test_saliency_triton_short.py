@@ -6,11 +6,11 @@ interpreter must be enabled before Triton is first imported, hence a fresh proce
 ``tests/test_triton_kernels.py``).
 """
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -40,9 +40,5 @@ _CASE = textwrap.dedent("""
 
 
 def test_triton_backend_short_samples_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", _CASE.format(here=HERE)], cwd=os.path.dirname(HERE), env=env,
-                          capture_output=True, text=True, timeout=600)
-    tail = (done.stdout + done.stderr)[-6000:]
-    assert done.returncode == 0, tail
-    assert done.stdout.count("ok ") == 3, tail
+    out = run_interpreted(["-c", _CASE.format(here=HERE)])
+    assert out.count("ok ") == 3, out[-6000:]

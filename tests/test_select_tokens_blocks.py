@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import pio_kernels
 from pio_kernels import nms, reference
 from test_select_tokens_paths import _assert_margin, clustered
+from triton_interpreter import run_interpreted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE = 64
@@ -329,11 +329,9 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
 @pytest.mark.skipif(not pio_kernels.ops._HAS_TRITON, reason="triton not installed")
 def test_triton_blocks_match_reference_under_interpreter():
     """The Triton path on inputs that walk past the prefix, under two block plans."""
-    script = _TRITON_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "checked 12" in proc.stdout, proc.stdout
+    out = run_interpreted(["-c", _TRITON_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))],
+                          timeout=900)
+    assert "checked 12" in out, out
 
 
 # ---------------------------------------------------------------- Triton: launch choices, sm_90 compile
@@ -478,11 +476,8 @@ def test_triton_launches_run_under_the_tensors_device():
     """Triton launches on the current device: every launch of the NMS kernels must sit inside
     ``_on_device(features.device)``. CPU tensors under the interpreter, with the guard swapped
     for a recorder; fails when a launch is not guarded."""
-    script = _GUARD_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "guarded" in proc.stdout, proc.stdout
+    out = run_interpreted(["-c", _GUARD_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))])
+    assert "guarded" in out, out
 
 
 def test_on_device_switches_only_for_cuda(monkeypatch):

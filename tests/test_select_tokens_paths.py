@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -26,6 +24,7 @@ from hypothesis import strategies as st
 import pio_kernels
 from pio_kernels import reference
 from pio_kernels.ops import available_backends
+from triton_interpreter import run_interpreted
 
 TAUS = (-1.0, 0.5, 0.8, 0.95, 2.0)
 # Within-cluster cosine levels: with noise orthogonal to the centre, members of one
@@ -300,11 +299,8 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
 
 @pytest.mark.skipif(not pio_kernels.ops._HAS_TRITON, reason="triton not installed")
 def test_triton_interpreter_matches_reference():
-    script = _TRITON_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "checked 26" in proc.stdout, proc.stdout
+    out = run_interpreted(["-c", _TRITON_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))])
+    assert "checked 26" in out, out
 
 
 # ---------------------------------------------------------------- CUDA
