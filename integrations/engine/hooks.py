@@ -340,7 +340,7 @@ class _LanguageModelHook(_Hook):
     # after the language model -----------------------------------------------------------------
     def post(self, module, args, kwargs, output):
         state = self.state
-        prefill, step = state.pending, state.step
+        prefill = state.pending
         state.pending = state.step = None
         if prefill is not None:
             return self._end_prefill(prefill, kwargs, output)

@@ -14,7 +14,6 @@ model of cached decoding.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -130,7 +130,7 @@ class LlavaAdapter(Adapter):
         rows = visual.nonzero().squeeze(1)
         keep = torch.ones_like(image_map, dtype=torch.bool)
         group = torch.full_like(image_map, -1)
-        sources, maps, shallow, deep = [], [], [], []
+        sources, shallow, deep = [], [], []
         crop_offset = 0
         for run in runs:
             if "shallow" not in run.maps:
