@@ -9,29 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
+from eval_setup import tiny_llava_and_images
 from pio_kernels.eval.cli import eval_main, parse_spec
 from pio_kernels.eval.fidelity import compare, fidelity, objective, plot, reference_outputs
 from pio_kernels.eval.schedules import make_config
 from pio_kernels.eval.tasks.local import DEFAULT_PROMPT, load_folder, write_task
 from pio_kernels.eval.tiny import sample_images, write_checkpoint
-from pio_kernels.eval.vlm import LocalVLM
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fid")
-    path = write_checkpoint(str(root / "llava"), "llava-1.5")
-    folder = root / "images"
-    folder.mkdir()
-    for src in sample_images():
-        shutil.copy(src, folder)
-    with open(folder / "prompts.jsonl", "w") as f:
-        for name, prompt in [("grace_hopper.jpg", "Who is this?"), ("logo2.png", "What does the logo say?"),
-                             ("Minduka_Present_Blue_Pack.png", "What color is the box?"),
-                             ("grace_hopper.jpg", "Describe the uniform.")]:
-            f.write(json.dumps({"image": name, "prompt": prompt}) + "\n")
-    vlm = LocalVLM.load(path, dtype="float32")
-    return path, str(folder), vlm, load_folder(str(folder))
+    return tiny_llava_and_images(tmp_path_factory.mktemp("fid"), [
+        ("grace_hopper.jpg", "Who is this?"), ("logo2.png", "What does the logo say?"),
+        ("Minduka_Present_Blue_Pack.png", "What color is the box?"), ("grace_hopper.jpg", "Describe the uniform.")])
 
 
 def test_identical_inputs_give_zero_divergence(setup):

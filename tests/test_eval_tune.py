@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 
+from eval_setup import tiny_llava_and_images
 from pio_kernels.eval.accounting import schedule_tokens_per_layer
 from pio_kernels.eval.cli import tune_main
 from pio_kernels.eval.fidelity import fidelity, objective, reference_outputs
-from pio_kernels.eval.tasks.local import load_folder
-from pio_kernels.eval.tiny import sample_images, write_checkpoint
+from pio_kernels.eval.tiny import write_checkpoint
 from pio_kernels.eval.tune import Candidate, SearchSpace, published_default, search
-from pio_kernels.eval.vlm import LocalVLM
 from pio_kernels.integrations import PioConfig
 
 TARGET = 0.25  # on the tiny LLaVA (64 tokens, 8 layers): 128 token-layers
@@ -21,13 +19,7 @@ TARGET = 0.25  # on the tiny LLaVA (64 tokens, 8 layers): 128 token-layers
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune")
-    path = write_checkpoint(str(root / "llava"), "llava-1.5")
-    folder = root / "images"
-    folder.mkdir()
-    for src in sample_images():
-        shutil.copy(src, folder)
-    return path, str(folder), LocalVLM.load(path, dtype="float32"), load_folder(str(folder))
+    return tiny_llava_and_images(tmp_path_factory.mktemp("tune"))
 
 
 @pytest.mark.parametrize("n, layers, stages, encoder", [(576, 32, (1, 2, 3), False), (576, 32, (1, 2), True),
